@@ -1,0 +1,387 @@
+"""Saving and loading weights: the safe, fast replacement of the tutorial's steps 2-4.
+
+``save_weights`` writes a state dict (tied tensors once, as aliases); ``load_weights`` reads a file
+straight into a model's own parameters and buffers, checks every name and shape first, and leaves
+the model in ``eval()``; ``load_state_dict`` returns plain tensors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import time
+from typing import Any, Mapping
+
+import torch
+
+from modelkeep import engine, errors, format
+from modelkeep._version import __version__
+
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DataParallel/DDP and torch.compile
+ZIP_MAGIC = b"PK\x03\x04"
+
+
+# --------------------------------------------------------------------------------------------
+# Opening files
+
+
+def sniff(path: str) -> str:
+    """The container kind at ``path``: ``"safetensors"``, ``"torch-zip"`` or ``"torch-pickle"``."""
+    try:
+        with open(path, "rb") as stream:
+            head = stream.read(8)
+    except FileNotFoundError as e:
+        raise errors.StorageError("no such file", path=path, fix="check the path") from e
+    except IsADirectoryError as e:
+        raise errors.StorageError("is a folder, not a file", path=path, fix="name a file") from e
+    if head.startswith(ZIP_MAGIC):
+        return "torch-zip"
+    if head[:1] == b"\x80" or head[:2] in (b"(d", b"}q", b"cc"):
+        return "torch-pickle"
+    return "safetensors"
+
+
+def open_header(path: str | os.PathLike[str]) -> format.Header:
+    """The validated header of a safetensors/modelkeep file, or a FormatError that says what the
+    file is instead."""
+    path = os.fspath(path)
+    kind = sniff(path)
+    if kind != "safetensors":
+        raise errors.FormatError(
+            f"is a torch.save file ({kind}), not a safetensors/modelkeep file",
+            path=path,
+            fix="read it with modelkeep.read(), or rescue it with `modelkeep convert SRC DST`",
+        )
+    return format.read_header_file(path)
+
+
+# --------------------------------------------------------------------------------------------
+# Saving
+
+
+def state_dict_of(model_or_state_dict: Any) -> dict[str, torch.Tensor]:
+    """The name -> tensor mapping to save, with every value checked to be a saveable tensor."""
+    if isinstance(model_or_state_dict, torch.nn.Module):
+        state = model_or_state_dict.state_dict()
+    elif isinstance(model_or_state_dict, Mapping):
+        state = model_or_state_dict
+    else:
+        raise errors.UnsupportedValueError(
+            f"expected an nn.Module or a mapping of names to tensors, got "
+            f"{type(model_or_state_dict).__name__}",
+            fix="pass model or model.state_dict()",
+        )
+    checked: dict[str, torch.Tensor] = {}
+    for name, value in state.items():
+        if not isinstance(name, str):
+            raise errors.UnsupportedValueError(
+                f"state dict key {name!r} is not a string", fix="use string keys"
+            )
+        if not isinstance(value, torch.Tensor):
+            raise errors.UnsupportedValueError(
+                f"value of type {type(value).__name__} is not a tensor",
+                item=name,
+                fix="weights files hold tensors only; save training state with "
+                "modelkeep.Checkpointer, or drop this entry",
+            )
+        if value.is_meta or value.layout != torch.strided or value.is_quantized:
+            raise errors.UnsupportedValueError(
+                f"cannot save a {'meta' if value.is_meta else str(value.layout)} tensor",
+                item=name,
+                fix="materialise the tensor (to_empty + init, to_dense, dequantize) first",
+            )
+        format.name_from_dtype(value.dtype, item=name)
+        checked[name] = value
+    return checked
+
+
+def _alias_key(tensor: torch.Tensor) -> tuple[Any, ...] | None:
+    """Identity of a tensor's exact view of memory; None where memory identity means nothing."""
+    if tensor.numel() == 0:
+        return None
+    return (
+        tensor.device,
+        tensor.untyped_storage().data_ptr(),
+        tensor.storage_offset(),
+        tuple(tensor.shape),
+        tuple(tensor.stride()),
+        tensor.dtype,
+    )
+
+
+def split_aliases(
+    state: Mapping[str, torch.Tensor],
+) -> tuple[list[tuple[str, torch.Tensor]], dict[str, str]]:
+    """Tensors to store, and ``{alias: stored name}`` for names that are the same view of memory.
+
+    safetensors refuses shared tensors; tied embeddings are the common case, so they are stored
+    once under their first name.
+    """
+    stored: list[tuple[str, torch.Tensor]] = []
+    aliases: dict[str, str] = {}
+    first_name: dict[tuple[Any, ...], str] = {}
+    for name, tensor in state.items():
+        key = _alias_key(tensor)
+        if key is not None and key in first_name:
+            aliases[name] = first_name[key]
+            continue
+        if key is not None:
+            first_name[key] = name
+        stored.append((name, tensor))
+    return stored, aliases
+
+
+def check_user_metadata(metadata: Mapping[str, str] | None) -> dict[str, str]:
+    if not metadata:
+        return {}
+    for key, value in metadata.items():
+        if not isinstance(key, str) or not isinstance(value, str):
+            raise errors.UnsupportedValueError(
+                "metadata must map strings to strings",
+                item=str(key),
+                fix="convert values with str() or json.dumps()",
+            )
+        if key.startswith(format.PREFIX) or key == format.METADATA_KEY:
+            raise errors.UnsupportedValueError(
+                "metadata key is reserved for modelkeep", item=key, fix="choose another key"
+            )
+    return dict(metadata)
+
+
+def producer() -> str:
+    return format.dumps({"modelkeep": __version__, "torch": torch.__version__})
+
+
+def modelkeep_metadata(kind: str, aliases: Mapping[str, str]) -> dict[str, str]:
+    metadata = {
+        format.KEY_FORMAT: format.dumps(format.FORMAT_VERSION),
+        format.KEY_KIND: format.dumps(kind),
+    }
+    if aliases:
+        metadata[format.KEY_ALIASES] = format.dumps(dict(aliases))
+    metadata[format.KEY_PRODUCER] = producer()
+    return metadata
+
+
+def save_weights(
+    model_or_state_dict: torch.nn.Module | Mapping[str, torch.Tensor],
+    path: str | os.PathLike[str],
+    *,
+    metadata: Mapping[str, str] | None = None,
+) -> dict[str, str]:
+    """Save a model's state dict (or a state dict) as a modelkeep weights file, atomically.
+
+    Tied tensors are stored once and recorded as aliases. Returns the per-tensor digests.
+    """
+    path = os.fspath(path)
+    state = state_dict_of(model_or_state_dict)
+    stored, aliases = split_aliases(state)
+    header_metadata = check_user_metadata(metadata)
+    header_metadata.update(modelkeep_metadata("weights", aliases))
+    return engine.write_file(path, stored, header_metadata)
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+
+
+@dataclasses.dataclass
+class LoadReport:
+    """What ``load_weights`` did: which names matched, which did not, bytes and time."""
+
+    path: str
+    loaded: list[str] = dataclasses.field(default_factory=list)
+    missing: list[str] = dataclasses.field(default_factory=list)
+    unexpected: list[str] = dataclasses.field(default_factory=list)
+    shape_mismatches: list[tuple[str, tuple[int, ...], tuple[int, ...]]] = dataclasses.field(
+        default_factory=list
+    )
+    dtype_conversions: list[tuple[str, str, str]] = dataclasses.field(default_factory=list)
+    renamed_prefix: str | None = None
+    bytes_read: int = 0
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return not (self.missing or self.unexpected or self.shape_mismatches)
+
+    def __str__(self) -> str:
+        speed = self.bytes_read / self.seconds / 1e9 if self.seconds else 0.0
+        text = (
+            f"loaded {len(self.loaded)} tensors ({self.bytes_read / 1e6:.1f} MB) from {self.path} "
+            f"in {self.seconds:.3f} s ({speed:.2f} GB/s)"
+        )
+        for label, items in (
+            ("missing", self.missing),
+            ("unexpected", self.unexpected),
+            ("shape mismatches", self.shape_mismatches),
+            ("converted dtypes", self.dtype_conversions),
+        ):
+            if items:
+                text += f"; {len(items)} {label}"
+        return text
+
+
+def _strip_wrappers(name: str) -> str:
+    changed = True
+    while changed:
+        changed = False
+        for prefix in WRAPPER_PREFIXES:
+            if name.startswith(prefix):
+                name = name[len(prefix) :]
+                changed = True
+    return name
+
+
+def _wrapper_prefix_map(model_names: list[str], file_names: list[str]) -> dict[str, str] | None:
+    """``{file name: model name}`` when the two sides differ only by DDP/compile prefixes."""
+    if set(model_names) & set(file_names):
+        return None
+    model_by_core = {_strip_wrappers(name): name for name in model_names}
+    mapping = {}
+    for name in file_names:
+        core = _strip_wrappers(name)
+        if core in model_by_core:
+            mapping[name] = model_by_core[core]
+    return mapping if mapping else None
+
+
+def _tied_groups(model: torch.nn.Module) -> list[list[str]]:
+    """Names of parameters/buffers that are one object, so tying survives ``to_empty``."""
+    by_id: dict[int, list[str]] = {}
+    for name, tensor in [
+        *model.named_parameters(remove_duplicate=False),
+        *model.named_buffers(remove_duplicate=False),
+    ]:
+        by_id.setdefault(id(tensor), []).append(name)
+    return [names for names in by_id.values() if len(names) > 1]
+
+
+def _retie(model: torch.nn.Module, groups: list[list[str]]) -> None:
+    for names in groups:
+        first_owner, first_attr = _owner(model, names[0])
+        shared = getattr(first_owner, first_attr)
+        for name in names[1:]:
+            owner, attr = _owner(model, name)
+            if getattr(owner, attr) is not shared:
+                setattr(owner, attr, shared)
+
+
+def _owner(model: torch.nn.Module, name: str) -> tuple[torch.nn.Module, str]:
+    module_path, _, attr = name.rpartition(".")
+    return (model.get_submodule(module_path) if module_path else model), attr
+
+
+def _mismatch_error(path: str, report: LoadReport, file_names: list[str]) -> errors.KeyMismatchError:
+    lines = []
+    model_side = report.loaded + report.missing
+    for name in report.missing:
+        close = difflib.get_close_matches(name, report.unexpected or file_names, n=1, cutoff=0.6)
+        lines.append(f"  missing in file: {name}" + (f" (closest in file: {close[0]})" if close else ""))
+    for name in report.unexpected:
+        close = difflib.get_close_matches(name, model_side, n=1, cutoff=0.6)
+        lines.append(f"  not in model: {name}" + (f" (closest in model: {close[0]})" if close else ""))
+    for name, file_shape, model_shape in report.shape_mismatches:
+        lines.append(f"  shape differs: {name}: file {list(file_shape)}, model {list(model_shape)}")
+    shown = lines[:40] + ([f"  ... and {len(lines) - 40} more"] if len(lines) > 40 else [])
+    prefixes = _wrapper_prefix_map(model_side, file_names)
+    fix = (
+        "the names differ only by the 'module.'/'_orig_mod.' prefix that DataParallel/DDP or "
+        "torch.compile add: pass fix_prefixes=True"
+        if prefixes
+        else "load into the matching architecture, or pass strict=False to load what matches"
+    )
+    return errors.KeyMismatchError(
+        f"{len(report.missing)} missing, {len(report.unexpected)} unexpected, "
+        f"{len(report.shape_mismatches)} shape mismatches:\n" + "\n".join(shown) + "\n",
+        path=path,
+        item="state dict",
+        fix=fix,
+    )
+
+
+def load_weights(
+    model: torch.nn.Module,
+    path: str | os.PathLike[str],
+    *,
+    strict: bool = True,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+    fix_prefixes: bool = False,
+    eval_mode: bool = True,
+    threads: int | None = None,
+) -> LoadReport:
+    """Read the weights at ``path`` straight into ``model``'s own parameters and buffers.
+
+    Every name and shape is compared before a byte moves; with ``strict`` every difference is
+    raised at once. ``device``/``dtype`` move/cast the model first (a model on the meta device is
+    materialised without random init). Tied parameters stay tied. The model is left in
+    ``eval()`` unless ``eval_mode=False``.
+    """
+    started = time.perf_counter()
+    path = os.fspath(path)
+    header = open_header(path)
+    by_name: dict[str, format.TensorEntry] = dict(header.entries)
+    for alias, target in header.aliases.items():
+        by_name[alias] = header.entries[target]
+
+    targets = {
+        name: value
+        for name, value in model.state_dict(keep_vars=True).items()
+        if isinstance(value, torch.Tensor)
+    }
+    report = LoadReport(path=path)
+    if fix_prefixes:
+        mapping = _wrapper_prefix_map(list(targets), list(by_name))
+        if mapping:
+            by_name = {mapping.get(name, name): entry for name, entry in by_name.items()}
+            report.renamed_prefix = "module./_orig_mod."
+
+    for name, tensor in targets.items():
+        entry = by_name.get(name)
+        if entry is None:
+            report.missing.append(name)
+        elif tuple(tensor.shape) != entry.shape:
+            report.shape_mismatches.append((name, entry.shape, tuple(tensor.shape)))
+        else:
+            report.loaded.append(name)
+    report.unexpected = [name for name in by_name if name not in targets]
+    if strict and not report.ok:
+        raise _mismatch_error(path, report, list(by_name))
+
+    groups = _tied_groups(model)
+    if any(t.is_meta for t in targets.values()):
+        model.to_empty(device=device or "cpu")
+        _retie(model, groups)
+    if device is not None or dtype is not None:
+        model.to(device=device, dtype=dtype)
+    targets = dict(model.state_dict(keep_vars=True))
+
+    pairs = []
+    seen: set[int] = set()
+    for name in report.loaded:
+        tensor, entry = targets[name], by_name[name]
+        if tensor.dtype != entry.torch_dtype:
+            report.dtype_conversions.append((name, entry.dtype, str(tensor.dtype)))
+        if id(tensor) not in seen:
+            seen.add(id(tensor))
+            pairs.append((entry, tensor.detach()))
+    with torch.no_grad():
+        report.bytes_read = engine.read_into(path, pairs, threads=threads)
+    if eval_mode:
+        model.eval()
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+def load_state_dict(
+    path: str | os.PathLike[str], *, device: torch.device | str = "cpu"
+) -> dict[str, torch.Tensor]:
+    """All tensors of a file as ``{name: tensor}``; aliased names share one tensor."""
+    path = os.fspath(path)
+    header = open_header(path)
+    tensors = engine.read_tensors(path, list(header.entries.values()), device=device)
+    for alias, target in header.aliases.items():
+        tensors[alias] = tensors[target]
+    return tensors

@@ -1,0 +1,131 @@
+"""The ``modelkeep`` command: thin commands over the public API.
+
+Exit codes: 0 success, 1 a finding (mismatch, difference), 2 the input could not be read.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+from typing import Callable, Iterator
+
+import click
+from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
+from rich.table import Table
+
+from modelkeep import errors
+
+EXIT_OK, EXIT_FINDINGS, EXIT_UNREADABLE = 0, 1, 2
+PROGRESS_MIN_BYTES = 256 * 1024 * 1024  # below this an operation takes well under a second
+
+console = Console()
+error_console = Console(stderr=True)
+
+
+def human_bytes(count: int) -> str:
+    value = float(count)
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if value < 1000 or unit == "TB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1000
+    return f"{count} B"
+
+
+@contextlib.contextmanager
+def byte_progress(description: str, total: int) -> Iterator[Callable[[int], None] | None]:
+    """A progress bar for operations over about a second; a no-op callback for small ones."""
+    if total < PROGRESS_MIN_BYTES or not error_console.is_terminal:
+        yield None
+        return
+    with Progress(
+        "[progress.description]{task.description}",
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+        console=error_console,
+        transient=True,
+    ) as bar:
+        task = bar.add_task(description, total=total)
+        yield lambda n: bar.advance(task, n)
+
+
+def fail(error: errors.ModelkeepError) -> None:
+    error_console.print(f"[red]error:[/red] {error}", markup=True, highlight=False)
+    sys.exit(EXIT_UNREADABLE)
+
+
+@click.group()
+@click.version_option(package_name="modelkeep")
+def main() -> None:
+    """Save, load, inspect, convert and serve PyTorch models, safely and fast."""
+
+
+@main.command("inspect")
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON document instead of tables.")
+def inspect_command(file: str, as_json: bool) -> None:
+    """Show the tensors, totals, metadata, aliases and digests of FILE."""
+    from modelkeep import inspection
+
+    try:
+        info = inspection.inspect(file)
+    except errors.ModelkeepError as e:
+        fail(e)
+        return
+    if as_json:
+        click.echo(json.dumps(info.to_json(), indent=2))
+        return
+    table = Table(title=f"{info.path} ({info.kind})", show_lines=False)
+    for column in ("name", "dtype", "shape", "size"):
+        table.add_column(column, justify="right" if column == "size" else "left")
+    for t in info.tensors:
+        table.add_row(t.name, t.dtype, str(list(t.shape)), human_bytes(t.nbytes))
+    console.print(table)
+    console.print(
+        f"{len(info.tensors)} tensors, {info.total_elements:,} elements, "
+        f"{human_bytes(info.total_bytes)} of data, file {human_bytes(info.file_size)}"
+    )
+    if info.aliases:
+        console.print("aliases (stored once): " + ", ".join(f"{a} -> {t}" for a, t in info.aliases.items()))
+    if info.hash_algorithm:
+        console.print(f"digests: {info.hash_algorithm} for {info.hashed_tensors} tensors")
+    else:
+        console.print("digests: none (not written by modelkeep; `verify` cannot check it)")
+    for key, value in info.modelkeep.items():
+        console.print(f"{key}: {json.dumps(value)[:200]}", highlight=False)
+    for key, value in info.metadata.items():
+        console.print(f"metadata {key}: {value[:200]}", highlight=False)
+
+
+@main.command("verify")
+@click.argument("file", type=click.Path(dir_okay=False))
+def verify_command(file: str) -> None:
+    """Recompute every tensor's digest. Exit 0 ok, 1 mismatch or no digests, 2 unreadable."""
+    from modelkeep import inspection
+
+    try:
+        info = inspection.inspect(file)
+        with byte_progress("verifying", info.total_bytes) as advance:
+            report = inspection.verify(file, progress=advance)
+    except errors.ModelkeepError as e:
+        fail(e)
+        return
+    if report.algorithm is None:
+        console.print(f"{file}: no digests recorded; nothing to verify")
+        sys.exit(EXIT_FINDINGS)
+    for name in report.mismatched:
+        console.print(f"[red]MISMATCH[/red] {name}")
+    for name in report.unhashed:
+        console.print(f"[yellow]no digest[/yellow] {name}")
+    if report.ok:
+        console.print(f"{file}: OK, {len(report.checked)} tensors match their {report.algorithm} digests")
+        sys.exit(EXIT_OK)
+    console.print(f"{file}: {len(report.mismatched)} of {len(report.checked) + len(report.mismatched)} tensors differ")
+    sys.exit(EXIT_FINDINGS)
+
+
+if __name__ == "__main__":
+    main()

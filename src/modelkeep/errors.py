@@ -1,0 +1,91 @@
+"""The exception tree of modelkeep.
+
+Every failure on bad input is one of these, and each names the file, the item and the fix, so a
+user can act on the message alone. Each class also inherits the built-in exception that code
+written against torch or the standard library already catches::
+
+    ModelkeepError (Exception)
+    ├── FormatError (ValueError)            the bytes are not a valid file of a supported format
+    │   └── UnsafeContentError              the file asks for code to run (pickle globals, ...)
+    ├── IntegrityError (ValueError)         stored digests or expected hashes do not match
+    ├── KeyMismatchError (KeyError)         file and model disagree on names or shapes
+    ├── ArchitectureError (TypeError)       a model cannot be recorded or rebuilt safely
+    ├── UnsupportedValueError (TypeError)   a value cannot be saved in this kind of file
+    └── StorageError (OSError)              the file system or object store failed
+"""
+
+from __future__ import annotations
+
+import os
+
+__all__ = [
+    "ArchitectureError",
+    "FormatError",
+    "IntegrityError",
+    "KeyMismatchError",
+    "ModelkeepError",
+    "StorageError",
+    "UnsafeContentError",
+    "UnsupportedValueError",
+]
+
+
+class ModelkeepError(Exception):
+    """Root of every modelkeep error: ``what`` happened to ``item`` in ``path``; ``fix`` says how to
+    get past it."""
+
+    def __init__(
+        self,
+        what: str,
+        *,
+        path: str | os.PathLike[str] | None = None,
+        item: str | None = None,
+        fix: str | None = None,
+    ) -> None:
+        self.what = what
+        self.path = os.fspath(path) if path is not None else None
+        self.item = item
+        self.fix = fix
+        super().__init__(self._message())
+
+    def _message(self) -> str:
+        parts = []
+        if self.path is not None:
+            parts.append(f"{self.path}")
+        if self.item is not None:
+            parts.append(f"{self.item!r}")
+        text = ": ".join(parts + [self.what]) if parts else self.what
+        if self.fix:
+            text += f" (fix: {self.fix})"
+        return text
+
+    def __str__(self) -> str:  # KeyError would otherwise print the repr of the message
+        return self._message()
+
+
+class FormatError(ModelkeepError, ValueError):
+    """The file is not a valid file of any format modelkeep reads."""
+
+
+class UnsafeContentError(FormatError):
+    """The file would need code to run (an untrusted pickle global, an untrusted factory)."""
+
+
+class IntegrityError(ModelkeepError, ValueError):
+    """Bytes do not match their recorded or expected digest."""
+
+
+class KeyMismatchError(ModelkeepError, KeyError):
+    """The names or shapes in a file do not match the model they are loaded into."""
+
+
+class ArchitectureError(ModelkeepError, TypeError):
+    """A model's structure cannot be recorded, or a recorded one cannot be rebuilt safely."""
+
+
+class UnsupportedValueError(ModelkeepError, TypeError):
+    """A value cannot be stored in the requested kind of file."""
+
+
+class StorageError(ModelkeepError, OSError):
+    """Reading or writing bytes failed in the file system or object store."""

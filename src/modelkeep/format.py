@@ -1,0 +1,349 @@
+"""The safetensors layout and modelkeep's metadata schema.
+
+A file is ``[u64 little-endian N][N bytes of JSON header, space padded][data buffer]``. Reading is
+strict in the way safetensors' own reader is, so that a file modelkeep accepts is a file every
+safetensors reader accepts, and a hostile header can never make us allocate, index or loop past
+what the file holds. This module knows nothing about tensors' memory or the disk; ``engine`` moves
+the bytes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from typing import Any, BinaryIO, Mapping
+
+import torch
+
+from modelkeep import errors
+
+FORMAT_VERSION = "1"
+MAX_HEADER_BYTES = 100_000_000  # the same bound safetensors enforces
+MAX_TENSOR_BYTES = 2**63 - 1  # offsets are u64 on disk; keep them in int64 for torch
+MAX_NDIM = 64
+HEADER_ALIGNMENT = 8  # safetensors pads the header so the data buffer starts 8-aligned
+METADATA_KEY = "__metadata__"
+PREFIX = "modelkeep."
+
+# Metadata keys of DESIGN.md, each a JSON string.
+KEY_FORMAT = PREFIX + "format"
+KEY_KIND = PREFIX + "kind"
+KEY_ALIASES = PREFIX + "aliases"
+KEY_HASHES = PREFIX + "hashes"
+KEY_ARCHITECTURE = PREFIX + "architecture"
+KEY_INFERENCE = PREFIX + "inference"
+KEY_STATE = PREFIX + "state"
+KEY_PRODUCER = PREFIX + "producer"
+KINDS = ("weights", "model", "checkpoint")
+
+# safetensors dtype names <-> torch dtypes: every dtype the two share.
+_DTYPE_NAMES: dict[str, torch.dtype] = {
+    "BOOL": torch.bool,
+    "U8": torch.uint8,
+    "I8": torch.int8,
+    "U16": torch.uint16,
+    "I16": torch.int16,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "U32": torch.uint32,
+    "I32": torch.int32,
+    "F32": torch.float32,
+    "C64": torch.complex64,
+    "U64": torch.uint64,
+    "I64": torch.int64,
+    "F64": torch.float64,
+    "F8_E5M2": torch.float8_e5m2,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E8M0": torch.float8_e8m0fnu,
+    "F8_E4M3FNUZ": torch.float8_e4m3fnuz,
+    "F8_E5M2FNUZ": torch.float8_e5m2fnuz,
+}
+_NAMES_BY_DTYPE = {dtype: name for name, dtype in _DTYPE_NAMES.items()}
+
+
+def dtype_from_name(name: str) -> torch.dtype:
+    return _DTYPE_NAMES[name]
+
+
+def name_from_dtype(dtype: torch.dtype, *, item: str | None = None) -> str:
+    try:
+        return _NAMES_BY_DTYPE[dtype]
+    except KeyError:
+        raise errors.UnsupportedValueError(
+            f"dtype {dtype} has no safetensors equivalent",
+            item=item,
+            fix="convert the tensor to a supported dtype first (for complex128 use "
+            "torch.view_as_real, for quantized tensors dequantize)",
+        ) from None
+
+
+def itemsize(name: str) -> int:
+    return _DTYPE_NAMES[name].itemsize
+
+
+def supported_dtypes() -> tuple[torch.dtype, ...]:
+    return tuple(_DTYPE_NAMES.values())
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorEntry:
+    """One tensor of the header. ``begin``/``end`` are absolute file offsets."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.begin
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return _DTYPE_NAMES[self.dtype]
+
+
+@dataclasses.dataclass(frozen=True)
+class Header:
+    """A validated header: entries in file order, user and modelkeep metadata, layout numbers."""
+
+    path: str
+    entries: dict[str, TensorEntry]
+    metadata: dict[str, str]
+    data_start: int
+    file_size: int
+
+    @property
+    def data_bytes(self) -> int:
+        return self.file_size - self.data_start
+
+    def modelkeep_value(self, key: str, default: Any = None) -> Any:
+        """The decoded JSON of a ``modelkeep.*`` metadata key, or ``default`` when absent."""
+        raw = self.metadata.get(key)
+        if raw is None:
+            return default
+        try:
+            return json.loads(raw)
+        except (ValueError, RecursionError) as e:
+            raise errors.FormatError(
+                "metadata value is not valid JSON",
+                path=self.path,
+                item=key,
+                fix="the file was edited or written by another tool; re-save it with modelkeep",
+            ) from e
+
+    @property
+    def kind(self) -> str:
+        return self.modelkeep_value(KEY_KIND, "weights")
+
+    @property
+    def aliases(self) -> dict[str, str]:
+        """Names stored once under another name: ``{alias: stored name}``, validated."""
+        aliases = self.modelkeep_value(KEY_ALIASES, {})
+        if not isinstance(aliases, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) and v in self.entries and k not in self.entries
+            for k, v in aliases.items()
+        ):
+            raise errors.FormatError(
+                "aliases must map new names to stored tensor names",
+                path=self.path,
+                item=KEY_ALIASES,
+                fix="re-save the file with modelkeep",
+            )
+        return aliases
+
+
+def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    result: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in result:
+            raise _DuplicateKey(key)
+        result[key] = value
+    return result
+
+
+class _DuplicateKey(Exception):
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key
+
+
+def _bad(path: str, what: str, item: str | None = None) -> errors.FormatError:
+    return errors.FormatError(
+        what,
+        path=path,
+        item=item,
+        fix="the file is damaged or is not a safetensors/modelkeep file; re-download or re-save it",
+    )
+
+
+def parse_header(raw: bytes, *, file_size: int, path: str) -> Header:
+    """Validate the JSON header bytes of a file of ``file_size`` bytes.
+
+    ``raw`` excludes the 8-byte length prefix. The rules are safetensors': known dtypes, sizes
+    that match shapes, data offsets that tile the data buffer exactly, string metadata.
+    """
+    data_start = 8 + len(raw)
+    if data_start > file_size:
+        raise _bad(path, f"header of {len(raw)} bytes runs past the end of the {file_size}-byte file")
+    try:
+        text = raw.decode("utf-8")
+        document = json.loads(text, object_pairs_hook=_reject_duplicates)
+    except _DuplicateKey as e:
+        raise _bad(path, "header names the same key twice", e.key) from None
+    except UnicodeDecodeError as e:
+        raise _bad(path, "header is not UTF-8") from e
+    except RecursionError as e:
+        raise _bad(path, "header JSON is nested too deeply") from e
+    except ValueError as e:
+        raise _bad(path, f"header is not valid JSON ({e})") from e
+    if not isinstance(document, dict):
+        raise _bad(path, "header is not a JSON object")
+
+    metadata = document.pop(METADATA_KEY, {})
+    if metadata is None:
+        metadata = {}
+    if not isinstance(metadata, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
+    ):
+        raise _bad(path, "metadata must map strings to strings", METADATA_KEY)
+
+    entries = [_parse_entry(path, name, info, data_start) for name, info in document.items()]
+    entries.sort(key=lambda entry: (entry.begin, entry.end))
+    expected = data_start
+    for entry in entries:
+        if entry.begin != expected:
+            what = "overlaps the tensor before it" if entry.begin < expected else "leaves a hole before it"
+            raise _bad(path, f"data offsets {what}", entry.name)
+        expected = entry.end
+    if expected != file_size:
+        raise _bad(
+            path,
+            f"tensors end at byte {expected} but the file has {file_size} bytes "
+            "(truncated, or trailing bytes)",
+        )
+    return Header(
+        path=path,
+        entries={entry.name: entry for entry in entries},
+        metadata=dict(metadata),
+        data_start=data_start,
+        file_size=file_size,
+    )
+
+
+def _parse_entry(path: str, name: str, info: Any, data_start: int) -> TensorEntry:
+    if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
+        raise _bad(path, "tensor entry must have exactly dtype, shape and data_offsets", name)
+    dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+    if not isinstance(dtype, str) or dtype not in _DTYPE_NAMES:
+        raise _bad(path, f"unknown dtype {dtype!r}", name)
+    if (
+        not isinstance(shape, list)
+        or len(shape) > MAX_NDIM
+        or not all(type(dim) is int and dim >= 0 for dim in shape)
+    ):
+        raise _bad(path, f"shape must be a list of at most {MAX_NDIM} non-negative integers", name)
+    if (
+        not isinstance(offsets, list)
+        or len(offsets) != 2
+        or not all(type(v) is int for v in offsets)
+        or not 0 <= offsets[0] <= offsets[1] <= MAX_TENSOR_BYTES
+    ):
+        raise _bad(path, "data_offsets must be two increasing non-negative integers", name)
+    nbytes = _checked_nbytes(shape, itemsize(dtype))
+    if nbytes is None or nbytes != offsets[1] - offsets[0]:
+        raise _bad(
+            path,
+            f"shape {shape} of {dtype} does not match the {offsets[1] - offsets[0]} bytes of its offsets",
+            name,
+        )
+    return TensorEntry(name, dtype, tuple(shape), data_start + offsets[0], data_start + offsets[1])
+
+
+def _checked_nbytes(shape: list[int], size: int) -> int | None:
+    """Shape x itemsize, or None when the product of the non-zero dimensions overflows a file
+    offset (such a shape would also overflow torch's own size arithmetic)."""
+    total = size
+    for dim in shape:
+        if dim:
+            total *= dim
+            if total > MAX_TENSOR_BYTES:
+                return None
+    return 0 if 0 in shape else total
+
+
+def read_header(stream: BinaryIO, *, path: str, file_size: int) -> Header:
+    """Read and validate the header at the start of ``stream``."""
+    prefix = stream.read(8)
+    if len(prefix) < 8:
+        raise _bad(path, f"file has {file_size} bytes, too short for the 8-byte header length")
+    length = int.from_bytes(prefix, "little")
+    if length > MAX_HEADER_BYTES:
+        raise _bad(path, f"header length {length} exceeds the {MAX_HEADER_BYTES}-byte limit")
+    if 8 + length > file_size:
+        raise _bad(path, f"header length {length} runs past the end of the {file_size}-byte file")
+    raw = stream.read(length)
+    if len(raw) != length:
+        raise _bad(path, "file ended inside the header")
+    return parse_header(raw, file_size=file_size, path=path)
+
+
+def read_header_file(path: str | os.PathLike[str]) -> Header:
+    """Open ``path`` and read its validated header."""
+    path = os.fspath(path)
+    try:
+        with open(path, "rb") as stream:
+            size = os.fstat(stream.fileno()).st_size
+            return read_header(stream, path=path, file_size=size)
+    except FileNotFoundError as e:
+        raise errors.StorageError(
+            "no such file", path=path, fix="check the path; save the file first"
+        ) from e
+    except IsADirectoryError as e:
+        raise errors.StorageError("is a folder, not a file", path=path, fix="name a file") from e
+    except PermissionError as e:
+        raise errors.StorageError("permission denied", path=path, fix="check file permissions") from e
+
+
+@dataclasses.dataclass(frozen=True)
+class PlannedTensor:
+    """What the writer knows of a tensor before its bytes exist: name, dtype name, shape."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * itemsize(self.dtype)
+
+
+def encode_header(tensors: list[PlannedTensor], metadata: Mapping[str, str]) -> bytes:
+    """The length prefix and JSON header for ``tensors`` laid out in the given order.
+
+    Keys keep their order, the JSON is compact, and the header is space-padded so the data
+    buffer starts 8-byte aligned, exactly as safetensors writes it.
+    """
+    document: dict[str, Any] = {}
+    if metadata:
+        document[METADATA_KEY] = dict(metadata)
+    offset = 0
+    for tensor in tensors:
+        end = offset + tensor.nbytes
+        document[tensor.name] = {
+            "dtype": tensor.dtype,
+            "shape": list(tensor.shape),
+            "data_offsets": [offset, end],
+        }
+        offset = end
+    body = json.dumps(document, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    body += b" " * (-len(body) % HEADER_ALIGNMENT)
+    return len(body).to_bytes(8, "little") + body
+
+
+def dumps(value: Any) -> str:
+    """The JSON string form of a ``modelkeep.*`` metadata value (compact, key order kept)."""
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
