@@ -12,6 +12,7 @@ from typing import Callable, Iterator
 
 import click
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
 from rich.table import Table
 
@@ -53,7 +54,7 @@ def byte_progress(description: str, total: int) -> Iterator[Callable[[int], None
 
 
 def fail(error: errors.ModelkeepError) -> None:
-    error_console.print(f"[red]error:[/red] {error}", markup=True, highlight=False)
+    error_console.print(f"[red]error:[/red] {escape(str(error))}", markup=True, highlight=False)
     sys.exit(EXIT_UNREADABLE)
 
 
@@ -78,26 +79,29 @@ def inspect_command(file: str, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(info.to_json(), indent=2))
         return
-    table = Table(title=f"{info.path} ({info.kind})", show_lines=False)
+    table = Table(title=escape(f"{info.path} ({info.kind})"), show_lines=False)
     for column in ("name", "dtype", "shape", "size"):
         table.add_column(column, justify="right" if column == "size" else "left")
     for t in info.tensors:
-        table.add_row(t.name, t.dtype, str(list(t.shape)), human_bytes(t.nbytes))
+        table.add_row(escape(t.name), t.dtype, str(list(t.shape)), human_bytes(t.nbytes))
     console.print(table)
     console.print(
         f"{len(info.tensors)} tensors, {info.total_elements:,} elements, "
         f"{human_bytes(info.total_bytes)} of data, file {human_bytes(info.file_size)}"
     )
     if info.aliases:
-        console.print("aliases (stored once): " + ", ".join(f"{a} -> {t}" for a, t in info.aliases.items()))
+        console.print(
+            "aliases (stored once): "
+            + escape(", ".join(f"{a} -> {t}" for a, t in info.aliases.items()))
+        )
     if info.hash_algorithm:
-        console.print(f"digests: {info.hash_algorithm} for {info.hashed_tensors} tensors")
+        console.print(f"digests: {escape(info.hash_algorithm)} for {info.hashed_tensors} tensors")
     else:
         console.print("digests: none (not written by modelkeep; `verify` cannot check it)")
     for key, value in info.modelkeep.items():
-        console.print(f"{key}: {json.dumps(value)[:200]}", highlight=False)
+        console.print(escape(f"{key}: {json.dumps(value)[:200]}"), highlight=False)
     for key, value in info.metadata.items():
-        console.print(f"metadata {key}: {value[:200]}", highlight=False)
+        console.print(escape(f"metadata {key}: {value[:200]}"), highlight=False)
 
 
 @main.command("verify")
@@ -114,17 +118,78 @@ def verify_command(file: str) -> None:
         fail(e)
         return
     if report.algorithm is None:
-        console.print(f"{file}: no digests recorded; nothing to verify")
+        console.print(f"{escape(file)}: no digests recorded; nothing to verify")
         sys.exit(EXIT_FINDINGS)
     for name in report.mismatched:
-        console.print(f"[red]MISMATCH[/red] {name}")
+        console.print(f"[red]MISMATCH[/red] {escape(name)}")
     for name in report.unhashed:
-        console.print(f"[yellow]no digest[/yellow] {name}")
+        console.print(f"[yellow]no digest[/yellow] {escape(name)}")
     if report.ok:
-        console.print(f"{file}: OK, {len(report.checked)} tensors match their {report.algorithm} digests")
+        console.print(f"{escape(file)}: OK, {len(report.checked)} tensors match their {report.algorithm} digests")
         sys.exit(EXIT_OK)
-    console.print(f"{file}: {len(report.mismatched)} of {len(report.checked) + len(report.mismatched)} tensors differ")
+    console.print(f"{escape(file)}: {len(report.mismatched)} of {len(report.checked) + len(report.mismatched)} tensors differ")
     sys.exit(EXIT_FINDINGS)
+
+
+@main.command("convert")
+@click.argument("src", type=click.Path(exists=True))
+@click.argument("dst", type=click.Path(dir_okay=False))
+@click.option("--verify", "check", is_flag=True, help="Read the output back and compare every tensor.")
+@click.option("--shard-size", default=None, help="Split into shards of at most this size, e.g. 5GB.")
+def convert_command(src: str, dst: str, check: bool, shard_size: str | None) -> None:
+    """Rewrite any readable model file SRC as a modelkeep file DST (or shards with an index)."""
+    from modelkeep import convert
+
+    try:
+        report = convert.convert(src, dst, shard_size=shard_size, verify=check)
+    except errors.ModelkeepError as e:
+        fail(e)
+        return
+    console.print(
+        f"wrote {report.tensors} tensors ({human_bytes(report.bytes)}) to "
+        + escape(", ".join(report.outputs)),
+        highlight=False,
+    )
+    if report.verified:
+        console.print("verified: every tensor matches the source bit for bit")
+
+
+@main.command("diff")
+@click.argument("a", type=click.Path(exists=True))
+@click.argument("b", type=click.Path(exists=True))
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON document instead of a table.")
+def diff_command(a: str, b: str, as_json: bool) -> None:
+    """Compare the tensors of A and B by name. Exit 0 equal, 1 different, 2 unreadable."""
+    from modelkeep import diff
+
+    try:
+        report = diff.diff(a, b)
+    except errors.ModelkeepError as e:
+        fail(e)
+        return
+    if as_json:
+        click.echo(json.dumps(report.to_json(), indent=2))
+    else:
+        for name in report.only_a:
+            console.print(f"only in A: {escape(name)}", highlight=False)
+        for name in report.only_b:
+            console.print(f"only in B: {escape(name)}", highlight=False)
+        differing = report.differing
+        if differing:
+            table = Table(title="differing tensors")
+            for column in ("name", "dtype A/B", "shape A/B", "max abs", "max rel"):
+                table.add_column(column)
+            for t in differing:
+                table.add_row(
+                    escape(t.name),
+                    t.dtype_a if t.dtype_a == t.dtype_b else f"{t.dtype_a}/{t.dtype_b}",
+                    str(list(t.shape_a)) if t.shape_a == t.shape_b else f"{list(t.shape_a)}/{list(t.shape_b)}",
+                    "-" if t.max_abs is None else f"{t.max_abs:.3g}",
+                    "-" if t.max_rel is None else f"{t.max_rel:.3g}",
+                )
+            console.print(table)
+        console.print(report.summary())
+    sys.exit(EXIT_OK if report.equal else EXIT_FINDINGS)
 
 
 if __name__ == "__main__":
