@@ -11,11 +11,11 @@ import dataclasses
 import difflib
 import os
 import time
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 import torch
 
-from modelkeep import engine, errors, format
+from modelkeep import engine, errors, format, reading
 from modelkeep._version import __version__
 
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DataParallel/DDP and torch.compile
@@ -30,13 +30,22 @@ def sniff(path: str) -> str:
     """The container kind at ``path``: ``"safetensors"``, ``"torch-zip"`` or ``"torch-pickle"``."""
     try:
         with open(path, "rb") as stream:
-            head = stream.read(8)
+            head = stream.read(9)
     except FileNotFoundError as e:
         raise errors.StorageError("no such file", path=path, fix="check the path") from e
     except IsADirectoryError as e:
         raise errors.StorageError("is a folder, not a file", path=path, fix="name a file") from e
+    except OSError as e:
+        raise errors.StorageError(
+            f"cannot read: {e.strerror or e}", path=path, fix="check the path and its permissions"
+        ) from e
     if head.startswith(ZIP_MAGIC):
         return "torch-zip"
+    # A safetensors header length is arbitrary bytes (384 starts with 0x80, like a pickle), so
+    # a plausible length followed by the JSON object's "{" decides first.
+    length = int.from_bytes(head[:8], "little")
+    if len(head) == 9 and head[8:9] == b"{" and length <= format.MAX_HEADER_BYTES:
+        return "safetensors"
     if head[:1] == b"\x80" or head[:2] in (b"(d", b"}q", b"cc"):
         return "torch-pickle"
     return "safetensors"
@@ -107,6 +116,8 @@ def _alias_key(tensor: torch.Tensor) -> tuple[Any, ...] | None:
         tuple(tensor.shape),
         tuple(tensor.stride()),
         tensor.dtype,
+        tensor.is_conj(),  # x and x.conj() share memory but not values
+        tensor.is_neg(),
     )
 
 
@@ -133,8 +144,13 @@ def split_aliases(
 
 
 def check_user_metadata(metadata: Mapping[str, str] | None) -> dict[str, str]:
-    if not metadata:
+    if metadata is None:
         return {}
+    if not isinstance(metadata, Mapping):
+        raise errors.UnsupportedValueError(
+            f"metadata must be a mapping of strings to strings, got {type(metadata).__name__}",
+            fix="pass a dict such as {'epoch': '3'}",
+        )
     for key, value in metadata.items():
         if not isinstance(key, str) or not isinstance(value, str):
             raise errors.UnsupportedValueError(
@@ -199,12 +215,14 @@ class LoadReport:
     )
     dtype_conversions: list[tuple[str, str, str]] = dataclasses.field(default_factory=list)
     renamed_prefix: str | None = None
+    uninitialized: list[str] = dataclasses.field(default_factory=list)  # meta tensors not in the file
     bytes_read: int = 0
     seconds: float = 0.0
+    source_key: str | None = None  # checkpoint key that held the state dict ("model", ...)
 
     @property
     def ok(self) -> bool:
-        return not (self.missing or self.unexpected or self.shape_mismatches)
+        return not (self.missing or self.unexpected or self.shape_mismatches or self.uninitialized)
 
     def __str__(self) -> str:
         speed = self.bytes_read / self.seconds / 1e9 if self.seconds else 0.0
@@ -212,11 +230,14 @@ class LoadReport:
             f"loaded {len(self.loaded)} tensors ({self.bytes_read / 1e6:.1f} MB) from {self.path} "
             f"in {self.seconds:.3f} s ({speed:.2f} GB/s)"
         )
+        if self.source_key is not None:
+            text += f"; state dict found under {self.source_key!r}"
         for label, items in (
             ("missing", self.missing),
             ("unexpected", self.unexpected),
             ("shape mismatches", self.shape_mismatches),
             ("converted dtypes", self.dtype_conversions),
+            ("left uninitialized", self.uninitialized),
         ):
             if items:
                 text += f"; {len(items)} {label}"
@@ -247,15 +268,42 @@ def _wrapper_prefix_map(model_names: list[str], file_names: list[str]) -> dict[s
     return mapping if mapping else None
 
 
-def _tied_groups(model: torch.nn.Module) -> list[list[str]]:
-    """Names of parameters/buffers that are one object, so tying survives ``to_empty``."""
-    by_id: dict[int, list[str]] = {}
-    for name, tensor in [
+def _named_tensors(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """Every parameter and buffer under every name, non-persistent buffers included."""
+    return [
         *model.named_parameters(remove_duplicate=False),
         *model.named_buffers(remove_duplicate=False),
-    ]:
+    ]
+
+
+def _tied_groups(
+    model: torch.nn.Module, named: list[tuple[str, torch.Tensor]] | None = None
+) -> list[list[str]]:
+    """Names of parameters/buffers that are one object, so tying survives ``to_empty``."""
+    by_id: dict[int, list[str]] = {}
+    for name, tensor in named if named is not None else _named_tensors(model):
         by_id.setdefault(id(tensor), []).append(name)
     return [names for names in by_id.values() if len(names) > 1]
+
+
+def _unfilled(model: torch.nn.Module, filled: list[torch.Tensor]) -> list[str]:
+    """Meta tensors the file will not fill: materialising gives them uninitialised memory."""
+    filled_ids = {id(tensor) for tensor in filled}
+    return [
+        name for name, tensor in _named_tensors(model) if tensor.is_meta and id(tensor) not in filled_ids
+    ]
+
+
+def _unfilled_error(path: str, unfilled: list[str]) -> errors.KeyMismatchError:
+    shown = ", ".join(unfilled[:10]) + (f" and {len(unfilled) - 10} more" if len(unfilled) > 10 else "")
+    return errors.KeyMismatchError(
+        f"the model is on the meta device and the file does not fill {shown} "
+        "(non-persistent buffers are not saved; they would hold uninitialised memory)",
+        path=path,
+        item="state dict",
+        fix="build the model on a real device (its own initialisation then fills them), or pass "
+        "strict=False and set the names in report.uninitialized yourself",
+    )
 
 
 def _retie(model: torch.nn.Module, groups: list[list[str]]) -> None:
@@ -286,12 +334,14 @@ def _mismatch_error(path: str, report: LoadReport, file_names: list[str]) -> err
         lines.append(f"  shape differs: {name}: file {list(file_shape)}, model {list(model_shape)}")
     shown = lines[:40] + ([f"  ... and {len(lines) - 40} more"] if len(lines) > 40 else [])
     prefixes = _wrapper_prefix_map(model_side, file_names)
-    fix = (
-        "the names differ only by the 'module.'/'_orig_mod.' prefix that DataParallel/DDP or "
-        "torch.compile add: pass fix_prefixes=True"
-        if prefixes
-        else "load into the matching architecture, or pass strict=False to load what matches"
-    )
+    if prefixes:
+        file_name, model_name = next(iter(prefixes.items()))
+        fix = (
+            "the names differ only by the 'module.'/'_orig_mod.' prefix that DataParallel/DDP or "
+            f"torch.compile add (file {file_name!r} is model {model_name!r}): pass fix_prefixes=True"
+        )
+    else:
+        fix = "load into the matching architecture, or pass strict=False to load what matches"
     return errors.KeyMismatchError(
         f"{len(report.missing)} missing, {len(report.unexpected)} unexpected, "
         f"{len(report.shape_mismatches)} shape mismatches:\n" + "\n".join(shown) + "\n",
@@ -301,6 +351,7 @@ def _mismatch_error(path: str, report: LoadReport, file_names: list[str]) -> err
     )
 
 
+@engine.gc_paused()  # ~10^5 short-lived objects for a 20,000-tensor model: see engine.gc_paused
 def load_weights(
     model: torch.nn.Module,
     path: str | os.PathLike[str],
@@ -311,6 +362,8 @@ def load_weights(
     fix_prefixes: bool = False,
     eval_mode: bool = True,
     threads: int | None = None,
+    trust: Iterable[str] | str = (),
+    on_unknown: str = "error",
 ) -> LoadReport:
     """Read the weights at ``path`` straight into ``model``'s own parameters and buffers.
 
@@ -318,31 +371,47 @@ def load_weights(
     raised at once. ``device``/``dtype`` move/cast the model first (a model on the meta device is
     materialised without random init). Tied parameters stay tied. The model is left in
     ``eval()`` unless ``eval_mode=False``.
+
+    Any supported file works: torch.save files (a checkpoint holding the state dict under a key
+    such as ``state_dict`` or ``model`` is found and reported in ``source_key``), TorchScript
+    archives and sharded folders; ``trust``/``on_unknown`` are as in ``modelkeep.read``.
     """
     started = time.perf_counter()
     path = os.fspath(path)
-    header = open_header(path)
-    by_name: dict[str, format.TensorEntry] = dict(header.entries)
-    for alias, target in header.aliases.items():
-        by_name[alias] = header.entries[target]
+    if dtype is not None and not (dtype.is_floating_point or dtype.is_complex):
+        raise errors.UnsupportedValueError(
+            f"dtype={dtype} would convert a model to a non-floating-point type",
+            item="dtype",
+            fix="pass a floating-point dtype such as torch.float16 or torch.bfloat16",
+        )
+    source = reading.open_source(path, trust=trust, on_unknown=on_unknown)
+    by_name: dict[str, Any] = source.entries()  # safetensors: header entries and aliases
 
     targets = {
         name: value
         for name, value in model.state_dict(keep_vars=True).items()
         if isinstance(value, torch.Tensor)
     }
-    report = LoadReport(path=path)
+    report = LoadReport(path=path, source_key=source.source_key)
     if fix_prefixes:
         mapping = _wrapper_prefix_map(list(targets), list(by_name))
         if mapping:
             by_name = {mapping.get(name, name): entry for name, entry in by_name.items()}
             report.renamed_prefix = "module./_orig_mod."
+    named = _named_tensors(model)
+    groups = _tied_groups(model, named)
+    for names in groups:  # files that drop tied copies (safetensors' save_model, transformers)
+        stored = next((name for name in names if name in by_name), None)
+        if stored is not None:
+            for name in names:
+                if name in targets and name not in by_name:
+                    by_name[name] = by_name[stored]
 
     for name, tensor in targets.items():
         entry = by_name.get(name)
         if entry is None:
             report.missing.append(name)
-        elif tuple(tensor.shape) != entry.shape:
+        elif tensor.shape != entry.shape:
             report.shape_mismatches.append((name, entry.shape, tuple(tensor.shape)))
         else:
             report.loaded.append(name)
@@ -350,13 +419,16 @@ def load_weights(
     if strict and not report.ok:
         raise _mismatch_error(path, report, list(by_name))
 
-    groups = _tied_groups(model)
-    if any(t.is_meta for t in targets.values()):
+    if any(t.is_meta for _, t in named):
+        report.uninitialized = _unfilled(model, [targets[name] for name in report.loaded])
+        if strict and report.uninitialized:
+            raise _unfilled_error(path, report.uninitialized)
         model.to_empty(device=device or "cpu")
         _retie(model, groups)
+        targets = dict(model.state_dict(keep_vars=True))
     if device is not None or dtype is not None:
         model.to(device=device, dtype=dtype)
-    targets = dict(model.state_dict(keep_vars=True))
+        targets = dict(model.state_dict(keep_vars=True))
 
     pairs = []
     seen: set[int] = set()
@@ -366,9 +438,9 @@ def load_weights(
             report.dtype_conversions.append((name, entry.dtype, str(tensor.dtype)))
         if id(tensor) not in seen:
             seen.add(id(tensor))
-            pairs.append((entry, tensor.detach()))
+            pairs.append((entry, tensor))  # the engine writes bytes only, never autograd history
     with torch.no_grad():
-        report.bytes_read = engine.read_into(path, pairs, threads=threads)
+        report.bytes_read = source.read_into(pairs, threads=threads)  # safetensors: engine.read_into
     if eval_mode:
         model.eval()
     report.seconds = time.perf_counter() - started
@@ -376,12 +448,15 @@ def load_weights(
 
 
 def load_state_dict(
-    path: str | os.PathLike[str], *, device: torch.device | str = "cpu"
+    path: str | os.PathLike[str],
+    *,
+    device: torch.device | str = "cpu",
+    trust: Iterable[str] | str = (),
+    on_unknown: str = "error",
 ) -> dict[str, torch.Tensor]:
-    """All tensors of a file as ``{name: tensor}``; aliased names share one tensor."""
+    """All tensors of a file's state dict as ``{name: tensor}``; aliased names share one tensor.
+
+    Any supported file works (see ``load_weights``); nothing from a torch.save file is run.
+    """
     path = os.fspath(path)
-    header = open_header(path)
-    tensors = engine.read_tensors(path, list(header.entries.values()), device=device)
-    for alias, target in header.aliases.items():
-        tensors[alias] = tensors[target]
-    return tensors
+    return reading.open_source(path, trust=trust, on_unknown=on_unknown).tensors(device)

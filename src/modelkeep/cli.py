@@ -99,7 +99,14 @@ def inspect_command(file: str, as_json: bool) -> None:
     else:
         console.print("digests: none (not written by modelkeep; `verify` cannot check it)")
     for key, value in info.modelkeep.items():
+        if key == "modelkeep.state" and info.state is not None:
+            continue  # shown below as an outline
         console.print(escape(f"{key}: {json.dumps(value)[:200]}"), highlight=False)
+    if info.state is not None:
+        from modelkeep.checkpoint import files
+
+        console.print("checkpoint state:")
+        console.print(escape(files.format_state(info.state)), highlight=False)
     for key, value in info.metadata.items():
         console.print(escape(f"metadata {key}: {value[:200]}"), highlight=False)
 
@@ -190,6 +197,58 @@ def diff_command(a: str, b: str, as_json: bool) -> None:
             console.print(table)
         console.print(report.summary())
     sys.exit(EXIT_OK if report.equal else EXIT_FINDINGS)
+
+
+@main.command("predict")
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.argument("inputs", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.option("--topk", default=5, show_default=True, type=click.IntRange(min=1), help="Classes to show per input.")
+@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1))
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON document instead of tables.")
+def predict_command(model: str, inputs: tuple[str, ...], topk: int, batch_size: int, as_json: bool) -> None:
+    """Predict with the saved MODEL on INPUT files: JPEG/PNG images (through the model's recorded
+    preprocessing) or .npy/.safetensors tensors."""
+    from modelkeep.predict import pipeline
+
+    try:
+        predictions = pipeline.predict(model, list(inputs), topk=topk, batch_size=batch_size)
+    except errors.ModelkeepError as e:
+        fail(e)
+        return
+    if as_json:
+        click.echo(json.dumps({"model": model, "predictions": [p.to_json() for p in predictions]}, indent=2))
+        return
+    table = Table("input", "#", "label", "probability", title=model, title_justify="left")
+    for prediction in predictions:
+        if not prediction.top:
+            console.print(f"{prediction.source}: {pipeline.to_jsonable(prediction.output)}", highlight=False)
+            continue
+        table.add_section()
+        for rank, ranked in enumerate(prediction.top, 1):
+            table.add_row(prediction.source if rank == 1 else "", str(rank), ranked.label, f"{ranked.probability:.2%}")
+    if table.rows:
+        console.print(table)
+
+
+@main.command("demo")
+@click.option("--quick", is_flag=True, help="Skip the torch side of the vgg16 steps (the digits part stays whole).")
+@click.option(
+    "--weights",
+    "weights_path",
+    type=click.Path(dir_okay=False, exists=True),
+    help="A local copy of vgg16's IMAGENET1K_V1 checkpoint (vgg16-397923af.pth).",
+)
+@click.option("--workdir", type=click.Path(file_okay=False), help="Keep the demo's files here.")
+def demo_command(quick: bool, weights_path: str | None, workdir: str | None) -> None:
+    """The save-and-load tutorial end to end, each step timed beside its torch equivalent."""
+    from modelkeep import demo
+
+    try:
+        result = demo.run(quick=quick, weights_path=weights_path, workdir=workdir)
+    except errors.ModelkeepError as e:
+        fail(e)
+        return
+    sys.exit(EXIT_OK if result.ok else EXIT_FINDINGS)
 
 
 if __name__ == "__main__":

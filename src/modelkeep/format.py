@@ -59,8 +59,12 @@ _DTYPE_NAMES: dict[str, torch.dtype] = {
     "F8_E8M0": torch.float8_e8m0fnu,
     "F8_E4M3FNUZ": torch.float8_e4m3fnuz,
     "F8_E5M2FNUZ": torch.float8_e5m2fnuz,
+    "F4": torch.float4_e2m1fn_x2,
 }
 _NAMES_BY_DTYPE = {dtype: name for name, dtype in _DTYPE_NAMES.items()}
+# Sub-byte dtypes: safetensors counts 4-bit elements, torch counts bytes holding two of them, so
+# the file's last dimension is twice torch's (what safetensors.torch writes and reads).
+_ELEMENTS_PER_ITEM = {"F4": 2}
 
 
 def dtype_from_name(name: str) -> torch.dtype:
@@ -87,6 +91,20 @@ def supported_dtypes() -> tuple[torch.dtype, ...]:
     return tuple(_DTYPE_NAMES.values())
 
 
+def file_shape(dtype: str, shape: tuple[int, ...], *, item: str | None = None) -> tuple[int, ...]:
+    """The shape the header records for a torch ``shape`` (differs only for sub-byte dtypes)."""
+    per_item = _ELEMENTS_PER_ITEM.get(dtype)
+    if per_item is None:
+        return tuple(shape)
+    if not shape:
+        raise errors.UnsupportedValueError(
+            f"a 0-d {dtype} tensor has no safetensors shape",
+            item=item,
+            fix="give the tensor at least one dimension (reshape(1))",
+        )
+    return (*shape[:-1], shape[-1] * per_item)
+
+
 @dataclasses.dataclass(frozen=True)
 class TensorEntry:
     """One tensor of the header. ``begin``/``end`` are absolute file offsets."""
@@ -104,6 +122,11 @@ class TensorEntry:
     @property
     def torch_dtype(self) -> torch.dtype:
         return _DTYPE_NAMES[self.dtype]
+
+    @property
+    def file_shape(self) -> tuple[int, ...]:
+        """The shape as the header records it (``shape`` is torch's; they differ for F4)."""
+        return file_shape(self.dtype, self.shape, item=self.name)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,7 +149,14 @@ class Header:
         if raw is None:
             return default
         try:
-            return json.loads(raw)
+            return json.loads(raw, object_pairs_hook=_reject_duplicates)
+        except _DuplicateKey as e:
+            raise errors.FormatError(
+                f"metadata value names the key {e.key!r} twice",
+                path=self.path,
+                item=key,
+                fix="the file was edited or written by another tool; re-save it with modelkeep",
+            ) from None
         except (ValueError, RecursionError) as e:
             raise errors.FormatError(
                 "metadata value is not valid JSON",
@@ -137,7 +167,15 @@ class Header:
 
     @property
     def kind(self) -> str:
-        return self.modelkeep_value(KEY_KIND, "weights")
+        kind = self.modelkeep_value(KEY_KIND, "weights")
+        if kind not in KINDS:
+            raise errors.FormatError(
+                f"unknown file kind {kind!r} (expected one of {', '.join(KINDS)})",
+                path=self.path,
+                item=KEY_KIND,
+                fix="the file was written by a newer modelkeep or edited; upgrade modelkeep or re-save it",
+            )
+        return kind
 
     @property
     def aliases(self) -> dict[str, str]:
@@ -210,6 +248,10 @@ def parse_header(raw: bytes, *, file_size: int, path: str) -> Header:
         isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
     ):
         raise _bad(path, "metadata must map strings to strings", METADATA_KEY)
+    # Lone surrogates can only come from JSON \u escapes (strict UTF-8 decoding refuses them).
+    for text in [*document, *metadata, *metadata.values()] if b"\\u" in raw else ():
+        if not _is_unicode(text):
+            raise _bad(path, "header has a string that is not valid Unicode (a lone surrogate escape)")
 
     entries = [_parse_entry(path, name, info, data_start) for name, info in document.items()]
     entries.sort(key=lambda entry: (entry.begin, entry.end))
@@ -234,33 +276,54 @@ def parse_header(raw: bytes, *, file_size: int, path: str) -> Header:
     )
 
 
+def _is_unicode(text: str) -> bool:
+    """False for strings with lone surrogates: JSON's ``\\ud800`` escapes decode to them, but no
+    UTF-8 (and so no safetensors reader, file name or terminal) can hold them."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _parse_entry(path: str, name: str, info: Any, data_start: int) -> TensorEntry:
-    if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
+    # Plain loops and exact type checks: this runs once per tensor, 20,000 times for some models.
+    if type(info) is not dict or info.keys() != _ENTRY_KEYS:
         raise _bad(path, "tensor entry must have exactly dtype, shape and data_offsets", name)
     dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
-    if not isinstance(dtype, str) or dtype not in _DTYPE_NAMES:
+    size = _ITEMSIZES.get(dtype) if type(dtype) is str else None
+    if size is None:
         raise _bad(path, f"unknown dtype {dtype!r}", name)
-    if (
-        not isinstance(shape, list)
-        or len(shape) > MAX_NDIM
-        or not all(type(dim) is int and dim >= 0 for dim in shape)
-    ):
+    if type(shape) is not list or len(shape) > MAX_NDIM:
         raise _bad(path, f"shape must be a list of at most {MAX_NDIM} non-negative integers", name)
-    if (
-        not isinstance(offsets, list)
-        or len(offsets) != 2
-        or not all(type(v) is int for v in offsets)
-        or not 0 <= offsets[0] <= offsets[1] <= MAX_TENSOR_BYTES
-    ):
+    for dim in shape:
+        if type(dim) is not int or dim < 0:
+            raise _bad(path, f"shape must be a list of at most {MAX_NDIM} non-negative integers", name)
+    if type(offsets) is not list or len(offsets) != 2:
         raise _bad(path, "data_offsets must be two increasing non-negative integers", name)
-    nbytes = _checked_nbytes(shape, itemsize(dtype))
-    if nbytes is None or nbytes != offsets[1] - offsets[0]:
+    begin, end = offsets
+    if type(begin) is not int or type(end) is not int or not 0 <= begin <= end <= MAX_TENSOR_BYTES:
+        raise _bad(path, "data_offsets must be two increasing non-negative integers", name)
+    if dtype in _ELEMENTS_PER_ITEM:
+        per_item = _ELEMENTS_PER_ITEM[dtype]
+        if not shape or shape[-1] % per_item:
+            raise _bad(
+                path, f"the last dimension of a {dtype} tensor must be a multiple of {per_item}", name
+            )
+        shape = [*shape[:-1], shape[-1] // per_item]
+    nbytes = _checked_nbytes(shape, size)
+    if nbytes is None or nbytes != end - begin:
         raise _bad(
             path,
-            f"shape {shape} of {dtype} does not match the {offsets[1] - offsets[0]} bytes of its offsets",
+            f"shape {info['shape']} of {dtype} does not match the {end - begin} bytes "
+            "of its offsets",
             name,
         )
-    return TensorEntry(name, dtype, tuple(shape), data_start + offsets[0], data_start + offsets[1])
+    return TensorEntry(name, dtype, tuple(shape), data_start + begin, data_start + end)
+
+
+_ENTRY_KEYS = frozenset(("dtype", "shape", "data_offsets"))
+_ITEMSIZES = {name: dtype.itemsize for name, dtype in _DTYPE_NAMES.items()}
 
 
 def _checked_nbytes(shape: list[int], size: int) -> int | None:
@@ -306,6 +369,10 @@ def read_header_file(path: str | os.PathLike[str]) -> Header:
         raise errors.StorageError("is a folder, not a file", path=path, fix="name a file") from e
     except PermissionError as e:
         raise errors.StorageError("permission denied", path=path, fix="check file permissions") from e
+    except OSError as e:
+        raise errors.StorageError(
+            f"cannot read: {e.strerror or e}", path=path, fix="check the path and the disk"
+        ) from e
 
 
 @dataclasses.dataclass(frozen=True)
@@ -332,10 +399,18 @@ def encode_header(tensors: list[PlannedTensor], metadata: Mapping[str, str]) -> 
         document[METADATA_KEY] = dict(metadata)
     offset = 0
     for tensor in tensors:
+        if tensor.name == METADATA_KEY or tensor.name in document:
+            raise errors.UnsupportedValueError(
+                "tensor name is reserved for the header's metadata"
+                if tensor.name == METADATA_KEY
+                else "two tensors have this name",
+                item=tensor.name,
+                fix="rename the tensor",
+            )
         end = offset + tensor.nbytes
         document[tensor.name] = {
             "dtype": tensor.dtype,
-            "shape": list(tensor.shape),
+            "shape": list(file_shape(tensor.dtype, tensor.shape, item=tensor.name)),
             "data_offsets": [offset, end],
         }
         offset = end

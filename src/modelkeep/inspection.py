@@ -36,6 +36,7 @@ class FileInfo:
     hashed_tensors: int
     metadata: dict[str, str]  # the user's own keys
     modelkeep: dict[str, Any]  # decoded modelkeep.* keys (hashes summarised, not listed)
+    state: Any = None  # a checkpoint's nested state, tensors shown as "tensor F32[8, 4]"
 
     @property
     def total_bytes(self) -> int:
@@ -68,6 +69,7 @@ class FileInfo:
             "hashes": {"algorithm": self.hash_algorithm, "count": self.hashed_tensors},
             "metadata": self.metadata,
             "modelkeep": self.modelkeep,
+            **({"state": self.state} if self.state is not None else {}),
         }
 
 
@@ -111,7 +113,16 @@ def inspect(path: str | os.PathLike[str]) -> FileInfo:
         hashed_tensors=len(digests),
         metadata={k: v for k, v in header.metadata.items() if not k.startswith(format.PREFIX)},
         modelkeep=decoded,
+        state=_checkpoint_state(header),
     )
+
+
+def _checkpoint_state(header: format.Header) -> Any:
+    if header.kind != "checkpoint":
+        return None
+    from modelkeep.checkpoint import files
+
+    return files.describe_state(header)
 
 
 @dataclasses.dataclass

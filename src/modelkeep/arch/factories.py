@@ -1,0 +1,356 @@
+"""Trusted factories: the names a file may ask us to call, and how each name is resolved.
+
+A factory record names a builder and its JSON keyword arguments. Loading calls only builders that
+are trusted, decided from the name alone *before anything is imported*:
+
+1. names registered in this process with ``@modelkeep.register_factory`` (timm's registry
+   pattern: the user's own code adds builders, the file only names them);
+2. ``torchvision.models[.family].<builder>`` for every builder torchvision lists
+   (classification, detection, segmentation, video, optical flow, quantization);
+3. ``timm.<model name>`` when timm is installed;
+4. ``module.function`` where the caller passed ``trust=("module", ...)`` to ``load``.
+
+Anything else is an UnsafeContentError. torchvision builders that take pretrained weights are
+called with the weights *named* (the architecture can depend on them: frozen batch norm in
+detection backbones, ``transform_input`` in Inception) while the download is suppressed, because
+the tensors come from the file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib
+import importlib.util
+import inspect
+import threading
+from typing import Any, Callable, Iterable, Iterator
+
+import torch
+
+from modelkeep import errors
+from modelkeep.arch import records
+
+TORCHVISION = "torchvision.models."
+TIMM = "timm."
+FAMILIES = ("detection", "segmentation", "video", "optical_flow", "quantization")
+SHORT_PREFIXES = {"torchvision:": TORCHVISION, "timm:": TIMM}
+
+_registry: dict[str, Callable[..., torch.nn.Module]] = {}
+_registry_lock = threading.Lock()
+_download_lock = threading.RLock()
+
+
+def register_factory(
+    fn: Callable[..., torch.nn.Module] | str | None = None, *, name: str | None = None
+) -> Any:
+    """Trust a model builder so that saved models naming it can be loaded.
+
+    Use as ``@register_factory`` (named ``module.qualname``) or ``@register_factory("my.name")``.
+    ``modelkeep.create("my.name", **kwargs)`` then builds it, and ``save`` records it.
+    """
+    if isinstance(fn, str):
+        return functools.partial(register_factory, name=fn)
+    if fn is None:
+        return functools.partial(register_factory, name=name)
+    if not callable(fn):
+        raise errors.ArchitectureError(
+            f"cannot register {type(fn).__name__}: not callable", fix="register a function or class"
+        )
+    key = name or f"{fn.__module__}.{fn.__qualname__}"
+    if not records.DOTTED_NAME.fullmatch(key) or key.startswith((TORCHVISION, TIMM)):
+        raise errors.ArchitectureError(
+            "factory names are dotted Python identifiers outside torchvision.models./timm.",
+            item=key,
+            fix="pick a name such as 'mylib.tiny_cnn'",
+        )
+    with _registry_lock:
+        existing = _registry.get(key)
+        if existing is not None and existing is not fn:
+            raise errors.ArchitectureError(
+                "a different builder is already registered under this name",
+                item=key,
+                fix="choose another name, or unregister_factory() the old one first",
+            )
+        _registry[key] = fn
+    return fn
+
+
+def unregister_factory(name: str) -> None:
+    with _registry_lock:
+        _registry.pop(name, None)
+
+
+def registered() -> list[str]:
+    with _registry_lock:
+        return sorted(_registry)
+
+
+# --------------------------------------------------------------------------------------------
+# torchvision
+
+
+@functools.lru_cache(maxsize=1)
+def _torchvision_index() -> tuple[dict[str, str], dict[str, str]]:
+    """``{canonical name: torchvision registry name}`` and the reverse, for every builder."""
+    from torchvision import models
+
+    by_canonical: dict[str, str] = {}
+    for registry_name in models.list_models():
+        builder = models.get_model_builder(registry_name)
+        parts = builder.__module__.split(".")
+        family = parts[2] if len(parts) > 3 and parts[2] in FAMILIES else None
+        canonical = TORCHVISION + (f"{family}." if family else "") + builder.__name__
+        by_canonical[canonical] = registry_name
+    return by_canonical, {v: k for k, v in by_canonical.items()}
+
+
+def torchvision_names() -> list[str]:
+    """Canonical names of every torchvision builder, e.g. ``torchvision.models.vgg16``."""
+    return sorted(_torchvision_index()[0])
+
+
+def _torchvision_builder(name: str, path: str | None) -> Callable[..., torch.nn.Module]:
+    by_canonical, _ = _torchvision_index()
+    registry_name = by_canonical.get(name)
+    if registry_name is None:
+        model_class = _torchvision_class(name)
+        if model_class is not None:
+            return model_class
+        raise errors.ArchitectureError(
+            "torchvision has no such model builder",
+            path=path,
+            item=name,
+            fix="use a name from torchvision.models.list_models(), e.g. torchvision.models.vgg16 "
+            "or torchvision.models.detection.fasterrcnn_resnet50_fpn",
+        )
+    from torchvision import models
+
+    return models.get_model_builder(registry_name)
+
+
+def _torchvision_class(name: str) -> type[torch.nn.Module] | None:
+    """A model class exported by torchvision.models or one of its families (e.g.
+    ``torchvision.models.VisionTransformer``), for configurations no builder names."""
+    from torchvision import models
+
+    rest = name[len(TORCHVISION) :].split(".")
+    if len(rest) == 2 and rest[0] in FAMILIES:
+        namespace = getattr(models, rest[0], None)
+    elif len(rest) == 1:
+        namespace = models
+    else:
+        return None
+    candidate = getattr(namespace, rest[-1], None) if not rest[-1].startswith("_") else None
+    if isinstance(candidate, type) and issubclass(candidate, torch.nn.Module):
+        return candidate
+    return None
+
+
+class _SkippedWeights(dict):
+    """Stands in for a pretrained state dict whose tensors will come from elsewhere."""
+
+
+@contextlib.contextmanager
+def _weights_named_not_downloaded() -> Iterator[None]:
+    """Let torchvision builders see named weights (which shape the architecture) without
+    fetching them: ``get_state_dict`` yields a placeholder that ``load_state_dict`` ignores."""
+    from torchvision.models import _api
+
+    original_get = _api.WeightsEnum.get_state_dict
+    original_load = torch.nn.Module.load_state_dict
+
+    def get_state_dict(self: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        return _SkippedWeights()
+
+    def load_state_dict(self: torch.nn.Module, state_dict: Any, *args: Any, **kwargs: Any) -> Any:
+        if isinstance(state_dict, _SkippedWeights):
+            return torch.nn.modules.module._IncompatibleKeys([], [])
+        return original_load(self, state_dict, *args, **kwargs)
+
+    with _download_lock:
+        _api.WeightsEnum.get_state_dict = get_state_dict  # type: ignore[method-assign]
+        torch.nn.Module.load_state_dict = load_state_dict  # type: ignore[method-assign]
+        try:
+            yield
+        finally:
+            _api.WeightsEnum.get_state_dict = original_get  # type: ignore[method-assign]
+            torch.nn.Module.load_state_dict = original_load  # type: ignore[method-assign]
+
+
+def _weights_parameters(builder: Callable[..., Any]) -> dict[str, Any]:
+    """The builder's ``weights*`` parameters and their defaults."""
+    try:
+        parameters = inspect.signature(builder).parameters
+    except (TypeError, ValueError):
+        return {}
+    return {n: p.default for n, p in parameters.items() if n.startswith("weights")}
+
+
+def weights_name(value: Any) -> Any:
+    """``VGG16_Weights.IMAGENET1K_V1`` for a weights enum member; other values unchanged."""
+    from enum import Enum
+
+    if isinstance(value, Enum):
+        return f"{type(value).__name__}.{value.name}"
+    return value
+
+
+# --------------------------------------------------------------------------------------------
+# Resolution
+
+
+def canonical_name(name: str) -> str:
+    """``torchvision:vgg16`` -> ``torchvision.models.vgg16``; ``timm:resnet18`` -> ``timm.resnet18``;
+    torchvision registry names of other families get their family (``torchvision.models.detection.
+    fasterrcnn_resnet50_fpn``). Other names are returned as they are."""
+    if not isinstance(name, str):
+        raise errors.ArchitectureError(f"factory name must be a string, not {type(name).__name__}")
+    for short, long in SHORT_PREFIXES.items():
+        if name.startswith(short):
+            name = long + name[len(short) :]
+            break
+    if name.startswith(TORCHVISION):
+        by_canonical, by_registry = _torchvision_index()
+        rest = name[len(TORCHVISION) :]
+        if name not in by_canonical and rest in by_registry:
+            return by_registry[rest]
+    return name
+
+
+def _is_trusted(name: str, trust: Iterable[str]) -> bool:
+    return any(name == t or name.startswith(t + ".") for t in trust)
+
+
+def check_trust_names(trust: Iterable[str]) -> tuple[str, ...]:
+    if isinstance(trust, str):
+        trust = (trust,)
+    checked = tuple(trust)
+    for entry in checked:
+        if not isinstance(entry, str) or not records.DOTTED_NAME.fullmatch(entry):
+            raise errors.ArchitectureError(
+                "trust entries are module names such as 'mylib' or 'mylib.models'",
+                item=repr(entry),
+                fix="pass trust=('mylib',)",
+            )
+    return checked
+
+
+def resolve(
+    name: str, *, trust: Iterable[str] = (), path: str | None = None
+) -> Callable[..., torch.nn.Module]:
+    """The builder a record names, or an UnsafeContentError before anything untrusted is imported."""
+    if not isinstance(name, str) or not (
+        records.DOTTED_NAME.fullmatch(name) or (name.startswith(TIMM) and _timm_name_ok(name))
+    ):
+        raise records.bad_record(path, f"factory name {name!r} is not a dotted name", "factory")
+    with _registry_lock:
+        builder = _registry.get(name)
+    if builder is not None:
+        return builder
+    if name.startswith(TORCHVISION):
+        return _torchvision_builder(name, path)
+    if name.startswith(TIMM):
+        return _timm_builder(name, path)
+    trust = check_trust_names(trust)
+    if not _is_trusted(name, trust):
+        raise errors.UnsafeContentError(
+            "the file asks to call a factory that is not trusted; nothing was imported",
+            path=path,
+            item=name,
+            fix="if you trust it: register it with @modelkeep.register_factory before loading, or "
+            f"pass trust=({name.rsplit('.', 1)[0]!r},) to modelkeep.load",
+        )
+    module_name, _, attr = name.rpartition(".")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise errors.ArchitectureError(
+            f"cannot import trusted module {module_name!r}: {e}", path=path, item=name, fix="install it"
+        ) from e
+    builder = getattr(module, attr, None)
+    if not callable(builder):
+        raise errors.ArchitectureError(
+            f"{module_name!r} has no callable {attr!r}", path=path, item=name, fix="check the name"
+        )
+    return builder
+
+
+def _timm_name_ok(name: str) -> bool:
+    rest = name[len(TIMM) :]
+    return bool(rest) and all(c.isalnum() or c in "_.-" for c in rest)
+
+
+def timm_available() -> bool:
+    return importlib.util.find_spec("timm") is not None
+
+
+def _timm_builder(name: str, path: str | None) -> Callable[..., torch.nn.Module]:
+    if not timm_available():
+        raise errors.ArchitectureError(
+            "this model was built with timm, which is not installed",
+            path=path,
+            item=name,
+            fix="pip install timm",
+        )
+    import timm
+
+    model_name = name[len(TIMM) :]
+    if not timm.is_model(model_name.split(".")[0]):
+        raise errors.ArchitectureError(
+            "timm has no such model", path=path, item=name, fix="check timm.list_models()"
+        )
+    return functools.partial(timm.create_model, model_name, pretrained=False)
+
+
+# --------------------------------------------------------------------------------------------
+# Calling
+
+
+def call(
+    name: str,
+    builder: Callable[..., torch.nn.Module],
+    kwargs: dict[str, Any],
+    *,
+    path: str | None = None,
+) -> torch.nn.Module:
+    """Call ``builder(**kwargs)``. For torchvision, named weights shape the model but are never
+    downloaded, and backbone weights default to none (the tensors come from the file)."""
+    kwargs = dict(kwargs)
+    named_weights = False
+    if name.startswith(TORCHVISION):
+        for parameter, default in _weights_parameters(builder).items():
+            if parameter not in kwargs and default is not None and default is not inspect.Parameter.empty:
+                kwargs[parameter] = None
+            named_weights = named_weights or kwargs.get(parameter) is not None
+    try:
+        if named_weights:
+            with _weights_named_not_downloaded():
+                model = builder(**kwargs)
+        else:
+            model = builder(**kwargs)
+    except errors.ModelkeepError:
+        raise
+    except Exception as e:
+        raise errors.ArchitectureError(
+            f"calling {name}(**{kwargs!r}) failed: {type(e).__name__}: {e}",
+            path=path,
+            item=name,
+            fix="check the keyword arguments",
+        ) from e
+    if not isinstance(model, torch.nn.Module):
+        raise errors.ArchitectureError(
+            f"{name} returned {type(model).__name__}, not an nn.Module", path=path, item=name
+        )
+    return model
+
+
+def known_names() -> str:
+    """A short list of what is trusted, for error messages."""
+    extra = registered()
+    text = "torchvision.models.* builders"
+    if timm_available():
+        text += ", timm.* models"
+    if extra:
+        text += ", registered: " + ", ".join(extra[:8]) + (" ..." if len(extra) > 8 else "")
+    return text

@@ -1,0 +1,221 @@
+"""Where the pickle and the storages are in each torch.save layout.
+
+* zip (torch >= 1.6, and Hugging Face ``pytorch_model.bin``): ``<folder>/data.pkl`` with storages
+  in ``<folder>/data/<key>``, ``byteorder`` and ``version`` records; TorchScript archives add
+  ``constants.pkl`` (storages in ``constants/``) and ``code/``.
+* stream (``_use_new_zipfile_serialization=False``): magic number, protocol version and system
+  info pickles, the main pickle, the sorted storage keys, then per storage an 8-byte element count
+  and its bytes.
+* tar (before torch 1.0): members ``storages``, ``tensors`` and ``pickle``.
+
+Each provider maps a storage persistent id to a ``StorageRef`` after checking that the storage it
+names exists and holds exactly the bytes the pickle declares.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tarfile
+from typing import Any
+
+from modelkeep import errors
+from modelkeep.legacy import tensors
+from modelkeep.legacy.policy import StorageProvider
+from modelkeep.legacy.vm import Limits
+from modelkeep.legacy.zipfmt import ZipArchive
+
+MAGIC_NUMBER = 0x1950A86A20F9469CFC6C
+PROTOCOL_VERSION = 1001
+MAX_RECORD = 1 << 16  # byteorder, version and similar small records
+MAX_SCRIPT_CODE = 64 << 20
+
+
+def _bad(path: str, what: str, item: str | None = None) -> errors.FormatError:
+    return errors.FormatError(
+        what, path=path, item=item, fix="the file is damaged or crafted; re-download it or re-save it"
+    )
+
+
+class ZipStorages(StorageProvider):
+    """Storages of a torch zip archive: ``<folder>/<directory>/<key>``."""
+
+    def __init__(self, archive: ZipArchive, folder: str, directory: str, big_endian: bool) -> None:
+        self.archive = archive
+        self.prefix = f"{folder}/{directory}/"
+        self.big_endian = big_endian
+        self.blobs: dict[str, tensors.Blob] = {}
+
+    def storage(self, kind: tensors.StorageType, key: str, numel: int, view: Any, pos: int) -> tensors.StorageRef:
+        if view is not None:
+            raise ValueError("zip archives have no storage views")
+        name = self.prefix + key
+        nbytes = numel * tensors.itemsize(kind.dtype)
+        blob = self.blobs.get(key)
+        if blob is None:
+            entry = self.archive.entries.get(name)
+            if entry is None:
+                raise ValueError(f"storage {key!r} has no entry {name!r} in the archive")
+            if entry.size != nbytes:
+                raise ValueError(
+                    f"storage {key!r} declares {nbytes} bytes but its entry holds {entry.size}"
+                )
+            blob = self.archive.blob(name)
+            blob.big_endian = self.big_endian
+            blob.dtype = kind.dtype
+            self.blobs[key] = blob
+        elif blob.dtype != kind.dtype or blob.nbytes != nbytes:
+            raise ValueError(f"storage {key!r} is referenced with two different types or sizes")
+        return tensors.StorageRef(blob, kind.dtype, 0, nbytes, untyped=kind.untyped)
+
+
+class TorchZip:
+    """A torch.save / torch.jit.save zip archive: its folder, records and pickles."""
+
+    def __init__(self, path: str, limits: Limits) -> None:
+        self.path = path
+        self.limits = limits
+        self.archive = ZipArchive(path, limits=limits)
+        names = list(self.archive.names())
+        if not names:
+            raise _bad(path, "the zip archive is empty")
+        self.folder = names[0].split("/", 1)[0]
+        if f"{self.folder}/data.pkl" not in self.archive.entries:
+            raise _bad(path, "the zip archive has no data.pkl: not a torch.save file", f"{self.folder}/data.pkl")
+        byteorder = self.record("byteorder")
+        if byteorder not in (None, b"little", b"big"):
+            raise _bad(path, "byteorder record must be 'little' or 'big'", f"{self.folder}/byteorder")
+        self.big_endian = byteorder == b"big"
+        version = self.record("version")
+        if version is not None and not re.fullmatch(rb"\s*\d{1,4}\s*", version):
+            raise _bad(path, "version record is not a number", f"{self.folder}/version")
+        self.torchscript = any(
+            name == f"{self.folder}/constants.pkl" or name.startswith(f"{self.folder}/code/") for name in names
+        )
+
+    def record(self, name: str) -> bytes | None:
+        full = f"{self.folder}/{name}"
+        if full not in self.archive.entries:
+            return None
+        return self.archive.read(full, MAX_RECORD)
+
+    def pickle(self, name: str) -> bytes:
+        return self.archive.read(f"{self.folder}/{name}", self.limits.max_pickle_bytes)
+
+    def storages(self, directory: str) -> ZipStorages:
+        return ZipStorages(self.archive, self.folder, directory, self.big_endian)
+
+    def script_code(self) -> dict[str, str]:
+        """TorchScript source files (read as text, never run), by module path."""
+        code: dict[str, str] = {}
+        total = 0
+        prefix = f"{self.folder}/code/"
+        for name, entry in self.archive.entries.items():
+            if name.startswith(prefix) and name.endswith(".py"):
+                total += entry.size
+                if total > MAX_SCRIPT_CODE:
+                    break
+                code[name[len(prefix) : -3]] = self.archive.read(name, MAX_SCRIPT_CODE).decode("utf-8", "replace")
+        return code
+
+
+class StreamStorages(StorageProvider):
+    """Storages of the stream format, laid out after the pickles in sorted-key order."""
+
+    def __init__(self, path: str, data: Any, memory: bool) -> None:
+        self.path = path
+        self.data = data
+        self.memory = memory
+        self.blobs: dict[str, tensors.Blob] = {}
+        self.laid_out = False
+
+    def storage(self, kind: tensors.StorageType, key: str, numel: int, view: Any, pos: int) -> tensors.StorageRef:
+        element = tensors.itemsize(kind.dtype)
+        nbytes = numel * element
+        blob = self.blobs.get(key)
+        if blob is None:
+            if self.laid_out:
+                raise ValueError(f"storage {key!r} is not in the file's storage list")
+            blob = tensors.Blob(self.path, f"storage {key}", -1, nbytes, dtype=kind.dtype)
+            if self.memory:
+                blob.memory = self.data
+            self.blobs[key] = blob
+        elif blob.dtype != kind.dtype or blob.nbytes != nbytes:
+            raise ValueError(f"storage {key!r} is referenced with two different types or sizes")
+        if view is None:
+            return tensors.StorageRef(blob, kind.dtype, 0, nbytes, untyped=kind.untyped)
+        if type(view) is not tuple or len(view) != 3:
+            raise ValueError("a storage view is (key, offset, size)")
+        _, offset, size = view
+        if type(offset) is not int or type(size) is not int or offset < 0 or size < 0:
+            raise ValueError("a storage view's offset and size are non-negative integers")
+        if (offset + size) * element > nbytes:
+            raise ValueError("a storage view reaches past its storage")
+        return tensors.StorageRef(blob, kind.dtype, offset * element, size * element, untyped=kind.untyped)
+
+    def layout(self, keys: Any, start: int) -> None:
+        """Place each listed storage: an 8-byte element count, then its bytes."""
+        if type(keys) is not list or not all(type(k) is str for k in keys) or len(keys) != len(set(keys)):
+            raise _bad(self.path, "the storage key list is not a list of distinct names")
+        if set(keys) != set(self.blobs):
+            raise _bad(self.path, "the storage key list does not match the storages the pickle uses")
+        offset, end = start, len(self.data)
+        for key in keys:
+            blob = self.blobs[key]
+            if offset + 8 > end:
+                raise _bad(self.path, "the file ends before its storages (truncated)", f"storage {key}")
+            count = int.from_bytes(self.data[offset : offset + 8], "little")
+            if count * tensors.itemsize(blob.dtype) != blob.nbytes:
+                raise _bad(self.path, "a storage's recorded size differs from what the pickle declares", f"storage {key}")
+            offset += 8
+            if offset + blob.nbytes > end:
+                raise _bad(self.path, "the file ends inside a storage (truncated)", f"storage {key}")
+            blob.offset = offset
+            offset += blob.nbytes
+        self.laid_out = True
+
+
+class TarLayout:
+    """The members of a pre-1.0 tar file: name -> (data offset, size)."""
+
+    MEMBERS = ("storages", "tensors", "pickle")
+
+    def __init__(self, path: str, limits: Limits) -> None:
+        self.path = path
+        self.members: dict[str, tuple[int, int]] = {}
+        try:
+            size = os.path.getsize(path)
+            with tarfile.open(path, mode="r:") as archive:
+                count = 0
+                for member in archive:
+                    count += 1
+                    if count > limits.max_entries:
+                        raise _bad(path, "the tar archive has too many members")
+                    if member.name not in self.MEMBERS or not member.isreg():
+                        raise _bad(path, "the tar archive holds an unexpected member (link, folder or path)", member.name)
+                    if member.name in self.members:
+                        raise _bad(path, "the tar archive holds a member twice", member.name)
+                    if member.offset_data + member.size > size:
+                        raise _bad(path, "a tar member runs past the end of the file (truncated)", member.name)
+                    self.members[member.name] = (member.offset_data, member.size)
+        except errors.ModelkeepError:
+            raise
+        except (tarfile.TarError, ValueError, OverflowError, UnicodeError, EOFError) as e:
+            raise _bad(path, f"is not a readable tar archive ({e})") from e
+        missing = [name for name in self.MEMBERS if name not in self.members]
+        if missing:
+            raise _bad(path, f"the tar archive lacks {', '.join(missing)}: not a torch.save file")
+
+
+class TarStorages(StorageProvider):
+    """Tensors and storages of a tar file, by the integer keys its main pickle refers to."""
+
+    def __init__(self) -> None:
+        self.objects: dict[int, Any] = {}  # key -> StorageRef or TensorRef
+        self.resolve: Any = None  # set by the reader: turns a ref into the value to return
+
+    def tensor(self, key: str, pos: int) -> Any:
+        found = self.objects.get(int(key))
+        if found is None:
+            raise ValueError(f"persistent id {key} names no stored tensor or storage")
+        return self.resolve(found)

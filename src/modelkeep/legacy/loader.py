@@ -1,0 +1,315 @@
+"""Reading a torch.save file end to end: container, pickles, storages, final checks.
+
+``read_contents`` finds the layout (zip, TorchScript zip, stream, tar or a plain pickle), runs each
+pickle through the machine under a ``Policy``, and either builds tensors (``values`` mode) or only
+describes them (``refs`` mode). Every global the file names but modelkeep does not build is
+collected first, so one ``UnsafeContentError`` lists them all with their byte positions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import mmap
+import os
+from typing import Any
+
+from modelkeep import errors
+from modelkeep.legacy import containers, graph, tensors, trusted, vm
+from modelkeep.legacy.policy import REFS, VALUES, Offence, Policy, StorageProvider
+
+ZIP_MAGICS = (b"PK\x03\x04", b"PK\x05\x06")
+PICKLE_STARTS = frozenset(b"(}])cNILSVFXKJMUTGl")
+
+
+@dataclasses.dataclass
+class Contents:
+    """What a file holds: ``value`` as torch.load would return it (with tensors as ``TensorRef``
+    in refs mode), its ``container`` kind, and TorchScript's constants and source text."""
+
+    path: str
+    value: Any
+    container: str
+    constants: Any = None
+    script_code: dict[str, str] | None = None
+    loader: tensors.StorageLoader | None = None
+
+
+def sniff(path: str) -> str | None:
+    """``"zip"``, ``"tar"``, ``"pickle"`` or None from a file's first bytes."""
+    try:
+        with open(path, "rb") as stream:
+            head = stream.read(512)
+    except FileNotFoundError as e:
+        raise errors.StorageError("no such file", path=path, fix="check the path") from e
+    except IsADirectoryError as e:
+        raise errors.StorageError("is a folder, not a file", path=path, fix="name a file") from e
+    except OSError as e:
+        raise errors.StorageError(f"cannot read: {e.strerror or e}", path=path, fix="check the file") from e
+    if head[:4] in ZIP_MAGICS:
+        return "zip"
+    if len(head) >= 262 and head[257:262] == b"ustar":
+        return "tar"
+    if head[:1] == b"\x80" and len(head) > 1 and head[1] <= 5 or (head[:1] and head[0] in PICKLE_STARTS):
+        return "pickle"
+    return None
+
+
+class _Context:
+    """Settings shared by every pickle of one read (and of archives nested inside it)."""
+
+    def __init__(self, path: str, mode: str, trust: trusted.Trust, on_unknown: str, limits: vm.Limits,
+                 check_crc: bool, threads: int | None) -> None:
+        self.path = path
+        self.mode = mode
+        self.trust = trust
+        self.on_unknown = on_unknown
+        self.limits = limits
+        self.offences: list[Offence] = []
+        self.loader = tensors.StorageLoader(check_crc=check_crc, threads=threads)
+
+    def policy(self, mode: str, storages: StorageProvider | None, item: str, *, torchscript: bool = False,
+               depth: int = 0) -> Policy:
+        return Policy(
+            mode=mode, trust=self.trust, on_unknown=self.on_unknown, limits=self.limits, path=self.path,
+            item=item, storages=storages, loader=self.loader, torchscript=torchscript,
+            offences=self.offences, depth=depth, nested=self._nested,
+        )
+
+    def run(self, data: Any, start: int, policy: Policy) -> tuple[Any, int]:
+        machine = vm.Machine(data, policy, limits=self.limits, path=self.path, item=policy.item)
+        policy.machine = machine
+        try:
+            result = machine.run(start)
+        except errors.UnsafeContentError:
+            raise
+        except errors.ModelkeepError as e:
+            if self.offences:
+                raise unsafe_error(self.offences, self.path) from e
+            raise
+        if self.offences:
+            raise unsafe_error(self.offences, self.path)
+        return result
+
+    def _nested(self, data: bytes, parent: Policy, pos: int) -> Any:
+        """``torch.storage._load_from_bytes``: a stream-format file inside the pickle."""
+        value, _, child = read_stream(self, data, memory=True, item=f"nested archive at pickle byte {pos}",
+                                      mode=parent.mode, depth=parent.depth + 1)
+        if isinstance(value, tensors.StorageRef):
+            return value
+        ref = child.storage_ref(value)  # ValueError unless the nested file holds one storage
+        parent._storage_refs[id(value)] = (value, ref)
+        return value
+
+
+def unsafe_error(offences: list[Offence], path: str) -> errors.UnsafeContentError:
+    grouped: dict[str, list[str]] = {}
+    for offence in offences:
+        where = f"{offence.item} byte {offence.position}" if offence.item else f"byte {offence.position}"
+        grouped.setdefault(offence.name, []).append(where)
+    listed = [f"{name} (at {', '.join(places[:5])}{', ...' if len(places) > 5 else ''})" for name, places in grouped.items()]
+    error = errors.UnsafeContentError(
+        f"the pickle names {len(grouped)} global(s) that modelkeep does not build, because loading "
+        f"them would run code: {'; '.join(listed[:50])}" + (" ..." if len(listed) > 50 else ""),
+        path=path,
+        fix="do not torch.load this file unless you trust its source. To rescue its tensors pass "
+        "on_unknown='placeholder'; to rebuild classes you trust pass trust=('package',)",
+    )
+    error.globals = [(name, places) for name, places in grouped.items()]  # type: ignore[attr-defined]
+    return error
+
+
+def read_contents(
+    path: str,
+    *,
+    mode: str = VALUES,
+    trust: trusted.Trust | None = None,
+    on_unknown: str = "error",
+    limits: vm.Limits = vm.DEFAULT_LIMITS,
+    check_crc: bool = True,
+    threads: int | None = None,
+) -> Contents:
+    """Read the torch.save/torch.jit.save file at ``path`` without running anything from it."""
+    path = os.fspath(path)
+    ctx = _Context(path, mode, trust or trusted.Trust(), on_unknown, limits, check_crc, threads)
+    kind = sniff(path)
+    if kind == "zip":
+        contents = _read_zip(ctx)
+    elif kind == "tar":
+        contents = _read_tar(ctx)
+    elif kind == "pickle":
+        contents = _read_pickle_file(ctx)
+    else:
+        raise errors.FormatError(
+            "is not a torch.save file (zip, stream or tar) nor a safetensors file",
+            path=path,
+            fix="check that the file is a model file and was fully downloaded",
+        )
+    graph.check(contents.value, limits=limits, path=path, item=None)
+    if contents.constants is not None:
+        graph.check(contents.constants, limits=limits, path=path, item="constants.pkl")
+    contents.loader = ctx.loader
+    return contents
+
+
+def _read_zip(ctx: _Context) -> Contents:
+    archive = containers.TorchZip(ctx.path, ctx.limits)
+    item = f"{archive.folder}/data.pkl"
+    data = archive.pickle("data.pkl")
+    storages = archive.storages("data")
+    policy = ctx.policy(REFS, storages, item, torchscript=archive.torchscript)
+    value, _ = ctx.run(data, 0, policy)  # describe first: offences before building or importing
+    graph.check(value, limits=ctx.limits, path=ctx.path, item=item)
+    if ctx.mode == VALUES:
+        ctx.loader.preload(list(storages.blobs.values()))
+        policy = ctx.policy(VALUES, storages, item, torchscript=archive.torchscript)
+        value, _ = ctx.run(data, 0, policy)
+    if not archive.torchscript:
+        return Contents(ctx.path, value, "zip")
+    constants: Any = ()
+    if f"{archive.folder}/constants.pkl" in archive.archive.entries:
+        policy = ctx.policy(ctx.mode, archive.storages("constants"), f"{archive.folder}/constants.pkl", torchscript=True)
+        constants, _ = ctx.run(archive.pickle("constants.pkl"), 0, policy)
+    return Contents(ctx.path, value, "torchscript", constants=constants, script_code=archive.script_code())
+
+
+def _read_pickle_file(ctx: _Context) -> Contents:
+    with open(ctx.path, "rb") as stream:
+        size = os.fstat(stream.fileno()).st_size
+        if size == 0:
+            raise errors.FormatError("the file is empty", path=ctx.path, fix="re-download it")
+        with mmap.mmap(stream.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            value, container, _ = read_stream(ctx, data, memory=False, item=None, mode=ctx.mode, depth=0)
+    return Contents(ctx.path, value, container)
+
+
+def read_stream(ctx: _Context, data: Any, *, memory: bool, item: str | None, mode: str,
+                depth: int) -> tuple[Any, str, Policy]:
+    """The stream format (or a plain pickle) in ``data``: value, container kind, last policy."""
+    limits = ctx.limits
+    first_end = vm.skip(data, 0, limits=limits)
+    magic = None
+    if first_end <= 64:
+        magic, _ = ctx.run(data, 0, ctx.policy(REFS, None, "magic number", depth=depth))
+    if magic != containers.MAGIC_NUMBER:  # a plain pickle (pickle.dump of tensors, numpy, ...)
+        if len(data) > limits.max_pickle_bytes and first_end > limits.max_pickle_bytes:
+            raise errors.FormatError("the pickle is larger than the limit", path=ctx.path, fix="raise Limits.max_pickle_bytes")
+        policy = ctx.policy(mode, None, item or "pickle", depth=depth)
+        value, _ = ctx.run(data, 0, policy)
+        return value, "pickle", policy
+    version, pos = ctx.run(data, first_end, ctx.policy(REFS, None, "protocol version", depth=depth))
+    if version != containers.PROTOCOL_VERSION:
+        raise errors.FormatError(f"unsupported legacy protocol version {version!r}", path=ctx.path,
+                                 item=item, fix="re-save the file with a current torch")
+    _, main_start = ctx.run(data, pos, ctx.policy(REFS, None, "system info", depth=depth))
+    main_end = vm.skip(data, main_start, limits=limits)
+    if main_end - main_start > limits.max_pickle_bytes:
+        raise errors.FormatError("the pickle is larger than the limit", path=ctx.path, fix="raise Limits.max_pickle_bytes")
+    keys, storage_start = ctx.run(data, main_end, ctx.policy(REFS, None, "storage keys", depth=depth))
+    storages = containers.StreamStorages(ctx.path, data if not memory else bytes(data), memory)
+    main_item = item or "main pickle"
+    policy = ctx.policy(REFS, storages, main_item, depth=depth)
+    value, _ = ctx.run(data, main_start, policy)
+    graph.check(value, limits=limits, path=ctx.path, item=main_item)
+    storages.layout(keys, storage_start)
+    if mode == VALUES:
+        ctx.loader.preload(list(storages.blobs.values()))
+        policy = ctx.policy(VALUES, storages, main_item, depth=depth)
+        value, _ = ctx.run(data, main_start, policy)
+    return value, "stream", policy
+
+
+def _read_tar(ctx: _Context) -> Contents:
+    layout = containers.TarLayout(ctx.path, ctx.limits)
+    storages = containers.TarStorages()
+    with open(ctx.path, "rb") as stream, mmap.mmap(stream.fileno(), 0, access=mmap.ACCESS_READ) as data:
+        _tar_storages(ctx, data, layout, storages)
+        _tar_tensors(ctx, data, layout, storages)
+        begin, size = layout.members["pickle"]
+        if size > ctx.limits.max_pickle_bytes:
+            raise errors.FormatError("the pickle is larger than the limit", path=ctx.path, fix="raise Limits.max_pickle_bytes")
+        body = bytes(data[begin : begin + size])
+    policy = ctx.policy(ctx.mode, storages, "pickle")
+    storages.resolve = lambda ref: _tar_value(policy, ref)
+    value, _ = ctx.run(body, 0, policy)
+    return Contents(ctx.path, value, "tar")
+
+
+def _tar_value(policy: Policy, ref: Any) -> Any:
+    if isinstance(ref, tensors.TensorRef):
+        return ref if policy.refs else policy.loader.tensor(ref)
+    kind = tensors.StorageType(str(ref.dtype), ref.dtype)
+    return policy._storage_value(ref, kind)
+
+
+def _tar_error(ctx: _Context, what: str, member: str) -> errors.FormatError:
+    return errors.FormatError(what, path=ctx.path, item=member, fix="the file is damaged or crafted")
+
+
+def _count(ctx: _Context, value: Any, member: str) -> int:
+    if type(value) is not int or not 0 <= value <= ctx.limits.max_entries:
+        raise _tar_error(ctx, "member does not start with a valid count", member)
+    return value
+
+
+def _tar_storages(ctx: _Context, data: Any, layout: containers.TarLayout, storages: containers.TarStorages) -> None:
+    begin, size = layout.members["storages"]
+    end = begin + size
+    policy = lambda: ctx.policy(REFS, None, "storages")  # noqa: E731
+    count, pos = ctx.run(data, begin, policy())
+    for _ in range(_count(ctx, count, "storages")):
+        header, pos = ctx.run(data, pos, policy())
+        if type(header) is not tuple or len(header) != 3 or not isinstance(header[2], tensors.StorageType):
+            raise _tar_error(ctx, "storage header must be (key, location, storage type)", "storages")
+        key, _location, kind = header
+        if type(key) is not int or pos + 8 > end:
+            raise _tar_error(ctx, "storage key must be an integer", "storages")
+        numel = int.from_bytes(data[pos : pos + 8], "little")
+        nbytes = numel * tensors.itemsize(kind.dtype)
+        pos += 8
+        if pos + nbytes > end or key in storages.objects:
+            raise _tar_error(ctx, "a storage runs past its member or repeats a key", "storages")
+        blob = tensors.Blob(ctx.path, f"storages[{key}]", pos, nbytes, dtype=kind.dtype)
+        storages.objects[key] = tensors.StorageRef(blob, kind.dtype, 0, nbytes)
+        pos += nbytes
+    views, _ = ctx.run(data, pos, policy())
+    if type(views) is not list:
+        raise _tar_error(ctx, "storage views must be a list", "storages")
+    for view in views:
+        if type(view) is not tuple or len(view) != 4 or not all(type(v) is int for v in view):
+            raise _tar_error(ctx, "a storage view is four integers", "storages")
+        target, root_key, offset, numel = view
+        root = storages.objects.get(root_key)
+        if not isinstance(root, tensors.StorageRef) or offset < 0 or numel < 0 or target in storages.objects:
+            raise _tar_error(ctx, "a storage view names no storage", "storages")
+        element = root.itemsize
+        if (offset + numel) * element > root.nbytes:
+            raise _tar_error(ctx, "a storage view reaches past its storage", "storages")
+        storages.objects[target] = tensors.StorageRef(root.blob, root.dtype, offset * element, numel * element)
+
+
+def _tar_tensors(ctx: _Context, data: Any, layout: containers.TarLayout, storages: containers.TarStorages) -> None:
+    begin, size = layout.members["tensors"]
+    end = begin + size
+    count, pos = ctx.run(data, begin, ctx.policy(REFS, None, "tensors"))
+    for _ in range(_count(ctx, count, "tensors")):
+        header, pos = ctx.run(data, pos, ctx.policy(REFS, None, "tensors"))
+        if type(header) is not tuple or len(header) != 3 or type(header[0]) is not int:
+            raise _tar_error(ctx, "tensor header must be (key, storage key, tensor type)", "tensors")
+        key, storage_key, _tensor_type = header
+        storage = storages.objects.get(storage_key)
+        if not isinstance(storage, tensors.StorageRef) or key in storages.objects or pos + 8 > end:
+            raise _tar_error(ctx, "a tensor names no storage or repeats a key", "tensors")
+        ndim = int.from_bytes(data[pos : pos + 4], "little", signed=True)
+        pos += 8
+        if not 0 <= ndim <= ctx.limits.max_ndim or pos + 16 * ndim + 8 > end:
+            raise _tar_error(ctx, "a tensor's dimensions are out of bounds", "tensors")
+        numbers = [int.from_bytes(data[pos + 8 * i : pos + 8 * i + 8], "little", signed=True) for i in range(2 * ndim + 1)]
+        pos += 16 * ndim + 8
+        try:
+            offset, shape, stride = tensors.check_view(
+                storage, storage.dtype, numbers[-1], numbers[:ndim], numbers[ndim : 2 * ndim],
+                max_ndim=ctx.limits.max_ndim,
+            )
+        except ValueError as e:
+            raise _tar_error(ctx, f"tensor {key}: {e}", "tensors") from e
+        storages.objects[key] = tensors.TensorRef(storage, offset, shape, stride, storage.dtype)

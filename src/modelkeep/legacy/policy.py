@@ -1,0 +1,456 @@
+"""What each global, call, BUILD and persistent id of a pickle is allowed to mean.
+
+The policy answers the machine's questions. Allowed globals map to modelkeep's builders
+(``builders.table``); classes in trusted namespaces are rebuilt without running them (``trusted``);
+TorchScript's ``__torch__`` classes become records; everything else is an offence, collected with
+its byte position so one error can list them all, or (``on_unknown="placeholder"``) an inert
+``Placeholder``. Nothing is ever called unless it is a builder.
+
+Two modes: ``values`` builds tensors (reading their bytes) and trusted modules; ``refs`` only
+describes tensors (``TensorRef``) and never imports anything, for finding a state dict and
+reading it straight into a model's memory.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+import re
+import sys
+from typing import Any, Callable
+
+import torch
+
+from modelkeep import errors
+from modelkeep.legacy import builders, numpy_data, tensors, trusted
+from modelkeep.legacy.records import KIND_OBJECT, Placeholder, Record
+from modelkeep.legacy.vm import Limits
+
+VALUES = "values"
+REFS = "refs"
+ON_UNKNOWN = ("error", "placeholder")
+
+
+@dataclasses.dataclass(frozen=True)
+class Offence:
+    """A global the file names that modelkeep will not build, and where."""
+
+    name: str
+    position: int
+    item: str | None
+
+
+class StorageProvider:
+    """Where a container's storages are; each container implements ``storage`` (and, for the
+    pre-1.0 tar format, ``tensor``)."""
+
+    def storage(self, kind: tensors.StorageType, key: str, numel: int, view: Any, pos: int) -> tensors.StorageRef:
+        raise ValueError("this pickle may not refer to storages")
+
+    def tensor(self, key: str, pos: int) -> Any:
+        raise ValueError("this pickle may not refer to tensors by key")
+
+
+_PID_TEXT = re.compile(
+    r"\('storage', <class '([\w.]+)'>, '(\w+)', '([\w:]+)', (\d+)(?:, (None|\('(\w+)', (\d+), (\d+)\)))?\)"
+)
+
+
+class Policy:
+    def __init__(
+        self,
+        *,
+        mode: str,
+        trust: trusted.Trust,
+        on_unknown: str,
+        limits: Limits,
+        path: str | None,
+        item: str | None = None,
+        storages: StorageProvider | None = None,
+        loader: tensors.StorageLoader | None = None,
+        nested: Callable[[bytes, "Policy", int], Any] | None = None,
+        torchscript: bool = False,
+        offences: list[Offence] | None = None,
+        depth: int = 0,
+    ) -> None:
+        if on_unknown not in ON_UNKNOWN:
+            raise errors.UnsupportedValueError(
+                f"on_unknown must be 'error' or 'placeholder', not {on_unknown!r}",
+                fix="pass on_unknown='error' (default) or on_unknown='placeholder'",
+            )
+        self.mode = mode
+        self.trust = trust
+        self.on_unknown = on_unknown
+        self.limits = limits
+        self.path = path
+        self.item = item
+        self.storages = storages or StorageProvider()
+        self.loader = loader
+        self.nested = nested
+        self.torchscript = torchscript
+        self.offences: list[Offence] = offences if offences is not None else []
+        self.depth = depth
+        self.machine: Any = None
+        self._registered: dict[int, tuple[Any, str]] = {}
+        self._trusted_ids: dict[int, Any] = {}
+        self._storage_refs: dict[int, tuple[Any, tensors.StorageRef]] = {}
+
+    @property
+    def refs(self) -> bool:
+        return self.mode == REFS
+
+    def fail(self, what: str, pos: int) -> errors.FormatError:
+        return errors.FormatError(
+            f"{what} (pickle byte {pos})",
+            path=self.path,
+            item=self.item,
+            fix="the file is damaged or crafted; re-download it or re-save it with torch.save",
+        )
+
+    # ------------------------------------------------------------------------ bookkeeping
+
+    def register(self, obj: Any, kind: str) -> None:
+        self._registered[id(obj)] = (obj, kind)
+
+    def registered_kind(self, obj: Any) -> str | None:
+        entry = self._registered.get(id(obj))
+        return entry[1] if entry is not None and entry[0] is obj else None
+
+    def is_registered(self, obj: Any) -> bool:
+        return self.registered_kind(obj) is not None
+
+    def check_key(self, container: Any, key: Any) -> None:
+        self.machine.check_key(container, key)
+
+    def new_record(self, type_name: str, values: dict[str, Any]) -> Record:
+        result = Record(type_name, values)
+        self.register(result, "record")
+        return result
+
+    def trusted_callable(self, value: Any) -> bool:
+        entry = self._trusted_ids.get(id(value))
+        return entry is not None and entry is value
+
+    def placeholder_object(self, module: str, name: str, args: tuple, pos: int) -> Placeholder:
+        return Placeholder(module, name, pos, kind=KIND_OBJECT, args=args)
+
+    # ------------------------------------------------------------------------ globals
+
+    def find_global(self, module: str, name: str, pos: int) -> Any:
+        module = builders.MODULE_ALIASES.get(module, module)
+        module, name = builders.NAME_ALIASES.get((module, name), (module, name))
+        found = builders.table().get((module, name), _MISSING)
+        if found is not _MISSING:
+            return found
+        if self.torchscript and (module == "__torch__" or module.startswith("__torch__.")):
+            return Placeholder(module, name, pos, trusted=True, script=True)
+        if trusted.valid_name(module, name) and self.trust.allows(module, name):
+            if self.refs and module not in sys.modules:
+                return Placeholder(module, name, pos, trusted=True)  # not imported just to check
+            target = trusted.resolve(module, name, self.trust)
+            if target is None:
+                return self._unknown(f"{module}.{name}", pos, module, name, "not defined in a trusted namespace")
+            if self.refs:  # described, never built: but checked like a real one
+                record = Placeholder(module, name, pos, trusted=True)
+                self._trusted_ids[id(record)] = target
+                return record
+            self._trusted_ids[id(target)] = target
+            return target
+        return self._unknown(f"{module}.{name}", pos, module, name)
+
+    def computed_global(self, module: Any, name: Any, pos: int) -> Any:
+        return self._unknown("<global with a computed name>", pos, "?", "?")
+
+    def extension(self, code: int, pos: int) -> Any:
+        return self._unknown(f"<copyreg extension {code}>", pos, "copyreg", f"extension_{code}")
+
+    def _unknown(self, label: str, pos: int, module: str, name: str, reason: str = "") -> Placeholder:
+        if self.on_unknown != "placeholder":
+            self.offences.append(Offence(label + (f" ({reason})" if reason else ""), pos, self.item))
+        return Placeholder(module, name, pos)
+
+    # ------------------------------------------------------------------------ calls
+
+    def call(self, func: Any, args: tuple, pos: int) -> Any:
+        return self._invoke(func, args, {}, pos, instantiate=False)
+
+    def new(self, cls: Any, args: tuple, kwargs: dict, pos: int) -> Any:
+        return self._invoke(cls, args, kwargs, pos, instantiate=True)
+
+    def _invoke(self, func: Any, args: tuple, kwargs: dict, pos: int, *, instantiate: bool) -> Any:
+        if isinstance(func, builders.Builder):
+            if func.fn is None:
+                raise self.fail(f"{func.qualname} cannot be called here", pos)
+            if func.tensor and any(isinstance(a, Placeholder) for a in args):
+                return Placeholder("modelkeep", func.qualname, pos, kind=KIND_OBJECT, args=args)
+            try:
+                return func.fn(self, args, kwargs, pos)
+            except (TypeError, ValueError, OverflowError, RuntimeError, IndexError, KeyError) as e:
+                if isinstance(e, errors.ModelkeepError):
+                    raise
+                raise self.fail(f"{func.qualname}: {str(e)[:300]}", pos) from e
+        if isinstance(func, Placeholder):
+            known = self._trusted_ids.get(id(func))
+            if known is not None:
+                self._check_trusted_use(known, args, kwargs, pos)
+            return Placeholder(
+                func.module, func.name, pos, kind=KIND_OBJECT, args=args, kwargs=kwargs,
+                trusted=func.trusted, script=func.script,
+            )
+        if self.trusted_callable(func):
+            self._check_trusted_use(func, args, kwargs, pos)
+            obj = trusted.instantiate(func)
+            self.register(obj, "trusted")
+            return obj
+        what = "called" if not instantiate else "instantiated"
+        raise self.fail(f"a {type(func).__name__} value cannot be {what}", pos)
+
+    def _check_trusted_use(self, target: Any, args: tuple, kwargs: dict, pos: int) -> None:
+        """Trusted names are only ever instantiated empty (then given attributes), never called."""
+        label = f"{getattr(target, '__module__', '?')}.{getattr(target, '__qualname__', '?')}"
+        if not isinstance(target, type):
+            raise self.fail(f"{label} is a function; modelkeep never calls functions named by a file", pos)
+        if args or kwargs:
+            raise self.fail(f"{label} would be constructed with arguments, which runs its code", pos)
+        if not trusted.can_instantiate(target):
+            raise self.fail(f"{label} cannot be rebuilt without running its code", pos)
+
+    # ------------------------------------------------------------------------ BUILD, append, setitem
+
+    def build(self, obj: Any, state: Any, pos: int) -> None:
+        kind = self.registered_kind(obj)
+        try:
+            if isinstance(obj, Placeholder):
+                obj.state = state
+            elif kind == "record":
+                self._restore_record(obj, state)
+            elif kind == "trusted":
+                trusted.restore(obj, state, describe=type(obj).__qualname__)
+            elif kind == "np_dtype":
+                numpy_data.build_dtype(obj, state)
+            elif kind == "np_array":
+                numpy_data.build_array(obj, state, max_ndim=self.limits.max_ndim, is_ours=self.is_registered)
+            elif kind == "partial":
+                self._restore_partial(obj, state)
+            elif type(obj) is collections.OrderedDict:
+                self._attributes(obj, state)
+            else:
+                raise self.fail(f"BUILD cannot give state to a {type(obj).__name__}", pos)
+        except (TypeError, ValueError, OverflowError) as e:
+            if isinstance(e, errors.ModelkeepError):
+                raise
+            raise self.fail(f"BUILD: {str(e)[:300]}", pos) from e
+
+    def _restore_record(self, record: Record, state: Any) -> None:
+        if isinstance(state, tuple) and len(state) == 2 and state[1] is None:
+            state = state[0]
+        if state is None:
+            return
+        if type(state) is not dict:
+            raise ValueError("a record's state must be a dict")
+        for key, value in state.items():
+            if type(key) is not str:
+                raise ValueError("record attribute names must be strings")
+            record[key] = value
+
+    def _attributes(self, obj: Any, state: Any) -> None:
+        if type(state) is not dict or not all(type(k) is str and not k.startswith("__") for k in state):
+            raise ValueError("attributes must be a dict of plain names")
+        obj.__dict__.update(state)
+
+    def _restore_partial(self, obj: functools.partial, state: Any) -> None:
+        if type(state) is not tuple or len(state) != 4:
+            raise ValueError("functools.partial state must have four parts")
+        func, args, kwds, namespace = state
+        if func is not obj.func or type(args) is not tuple:
+            raise ValueError("functools.partial state does not match its function")
+        if kwds is not None and (type(kwds) is not dict or not all(type(k) is str for k in kwds)):
+            raise ValueError("functools.partial keywords must be a dict of names")
+        if namespace is not None and type(namespace) is not dict:
+            raise ValueError("functools.partial attributes must be a dict")
+        obj.__setstate__((func, args, kwds or {}, namespace))
+
+    def extend(self, obj: Any, items: list, pos: int) -> None:
+        if isinstance(obj, Placeholder):
+            obj.items.extend(items)
+        elif self.registered_kind(obj) == "deque":
+            obj.extend(items)
+        else:
+            raise self.fail(f"cannot append to a {type(obj).__name__}", pos)
+
+    def set_items(self, obj: Any, pairs: list, pos: int) -> None:
+        if isinstance(obj, Placeholder):
+            obj.pairs.extend(zip(pairs[0::2], pairs[1::2]))
+        else:
+            raise self.fail(f"cannot set items on a {type(obj).__name__}", pos)
+
+    # ------------------------------------------------------------------------ persistent ids
+
+    def persistent(self, pid: Any, pos: int) -> Any:
+        try:
+            return self._persistent(pid, pos)
+        except (TypeError, ValueError, OverflowError) as e:
+            if isinstance(e, errors.ModelkeepError):
+                raise
+            raise self.fail(f"persistent id: {str(e)[:300]}", pos) from e
+
+    def _persistent(self, pid: Any, pos: int) -> Any:
+        if type(pid) is str:
+            if not pid.isdigit() or len(pid) > 40:
+                raise ValueError("a text persistent id must be a storage key")
+            return self.storages.tensor(pid, pos)
+        if type(pid) is not tuple or not pid:
+            raise ValueError(f"a persistent id must be a tuple, not a {type(pid).__name__}")
+        tag = pid[0].decode("ascii") if isinstance(pid[0], bytes) else pid[0]
+        if tag == "module" and len(pid) == 4:
+            return pid[1]
+        if tag != "storage":
+            if isinstance(pid[0], Placeholder) or (len(pid) == 3 and isinstance(pid[0], type)):
+                return pid[0]  # pre-1.0 module references: (class, source file, source)
+            raise ValueError(f"unknown persistent id kind {str(tag)[:40]!r}")
+        if len(pid) == 5:
+            kind, key, location, numel = pid[1:]
+            view = None
+        elif len(pid) == 6:
+            kind, key, location, numel, view = pid[1:]
+        else:
+            raise ValueError("a storage persistent id has 5 or 6 parts")
+        if isinstance(kind, Placeholder):
+            return kind  # already an offence
+        if not isinstance(kind, tensors.StorageType):
+            raise ValueError("a storage persistent id must name a storage type")
+        if isinstance(key, bytes):
+            key = key.decode("ascii")
+        if isinstance(location, bytes):
+            location = location.decode("ascii")
+        if type(key) is not str or not re.fullmatch(r"\w{1,64}", key):
+            raise ValueError("storage keys are short names")
+        if type(location) is not str or len(location) > 64:
+            raise ValueError("storage location must be a short device name")
+        if type(numel) is not int or not 0 <= numel < tensors.MAX_ELEMENTS:
+            raise ValueError("storage size must be a non-negative integer")
+        ref = self.storages.storage(kind, key, numel, view, pos)
+        return self._storage_value(ref, kind)
+
+    def persistent_text(self, text: str, pos: int) -> Any:
+        """Protocol 0 writes a persistent id as its repr; only storage ids are understood."""
+        if text.isdigit():
+            return self.persistent(text, pos)
+        match = _PID_TEXT.fullmatch(text)
+        if match is None:
+            raise self.fail("unrecognised text persistent id", pos)
+        cls, key, location, numel, view_text, view_key, view_offset, view_size = match.groups()
+        module, _, name = cls.rpartition(".")
+        kind = self.find_global(module, name, pos)
+        view = None if view_text in (None, "None") else (view_key, int(view_offset), int(view_size))
+        pid: tuple = ("storage", kind, key, location, int(numel))
+        if view_text is not None:
+            pid += (view,)
+        return self.persistent(pid, pos)
+
+    def _storage_value(self, ref: tensors.StorageRef, kind: tensors.StorageType) -> Any:
+        if self.refs:
+            return ref
+        untyped = self.loader.storage(ref)
+        value: Any = untyped if kind.untyped else torch.storage.TypedStorage(
+            wrap_storage=untyped, dtype=ref.dtype, _internal=True
+        )
+        self._storage_refs[id(value)] = (value, ref)
+        return value
+
+    def storage_ref(self, value: Any) -> tensors.StorageRef:
+        if isinstance(value, tensors.StorageRef):
+            return value
+        entry = self._storage_refs.get(id(value))
+        if entry is None or entry[0] is not value:
+            raise ValueError("a tensor must be built on a storage read from the file")
+        return entry[1]
+
+    def nested_storage(self, data: bytes, pos: int) -> Any:
+        if self.nested is None or self.depth >= self.limits.max_nested_archives:
+            raise ValueError("torch.save data nested this deep is not read")
+        return self.nested(data, self, pos)
+
+    # ------------------------------------------------------------------------ tensors
+
+    def make_tensor(
+        self, storage: Any, offset: Any, size: Any, stride: Any, dtype: Any, requires_grad: Any, metadata: Any
+    ) -> Any:
+        ref_storage = self.storage_ref(storage)
+        dtype = ref_storage.dtype if dtype is None else dtype
+        if type(requires_grad) is not bool:
+            raise TypeError("requires_grad must be a flag")
+        if requires_grad and not (dtype.is_floating_point or dtype.is_complex):
+            raise ValueError("only floating point and complex tensors can require gradients")
+        if metadata is not None and (
+            not isinstance(metadata, dict)
+            or not all(k in ("conj", "neg") and type(v) is bool for k, v in metadata.items())
+        ):
+            raise ValueError("tensor metadata may only hold the conj and neg flags")
+        offset, shape, stride_t = tensors.check_view(
+            ref_storage, dtype, offset, size, stride, max_ndim=self.limits.max_ndim
+        )
+        ref = tensors.TensorRef(
+            ref_storage, offset, shape, stride_t, dtype, requires_grad=requires_grad,
+            metadata=dict(metadata) if metadata else None,
+        )
+        return ref if self.refs else self.loader.tensor(ref)
+
+    def as_parameter(self, data: Any, requires_grad: Any, state: Any) -> Any:
+        if type(requires_grad) is not bool:
+            raise TypeError("requires_grad must be a flag")
+        attributes = self._tensor_attributes(state)
+        if isinstance(data, tensors.TensorRef):
+            return dataclasses.replace(data, parameter=True, requires_grad=requires_grad, attributes=attributes)
+        if isinstance(data, tensors.DeferredTensor):
+            return self.derived_tensor(lambda t: self._parameter(t, requires_grad, attributes), (data,))
+        if isinstance(data, torch.Tensor):
+            return self._parameter(data, requires_grad, attributes)
+        raise TypeError("a parameter needs a tensor")
+
+    @staticmethod
+    def _parameter(tensor: torch.Tensor, requires_grad: bool, attributes: dict | None) -> torch.Tensor:
+        if requires_grad and not (tensor.dtype.is_floating_point or tensor.dtype.is_complex):
+            raise ValueError("only floating point and complex parameters can require gradients")
+        param = torch.nn.Parameter(tensor.detach(), requires_grad=requires_grad)
+        for key, value in (attributes or {}).items():
+            setattr(param, key, value)
+        return param
+
+    def with_attributes(self, tensor: Any, state: Any) -> Any:
+        attributes = self._tensor_attributes(state)
+        if not attributes:
+            return tensor
+        if isinstance(tensor, tensors.TensorRef):
+            return dataclasses.replace(tensor, attributes=attributes)
+        if isinstance(tensor, torch.Tensor):
+            for key, value in attributes.items():
+                setattr(tensor, key, value)
+            return tensor
+        raise TypeError("attributes need a tensor")
+
+    @staticmethod
+    def _tensor_attributes(state: Any) -> dict[str, Any] | None:
+        if isinstance(state, tuple) and len(state) == 2:
+            if state[1]:
+                raise ValueError("tensor slot state is not supported")
+            state = state[0]
+        if not state:
+            return None
+        if type(state) is not dict:
+            raise ValueError("tensor attributes must be a dict")
+        for key in state:
+            if type(key) is not str or not key.isidentifier() or key.startswith("__") or hasattr(torch.Tensor, key):
+                raise ValueError(f"tensor attribute {str(key)[:60]!r} is not allowed")
+        return dict(state)
+
+    def derived_tensor(self, build: Callable[..., torch.Tensor], args: tuple) -> Any:
+        if self.refs:
+            return tensors.DeferredTensor(build, args)
+        if not all(isinstance(a, torch.Tensor) for a in args):
+            raise TypeError("expected tensors")
+        return build(*args)
+
+
+_MISSING = object()

@@ -1,0 +1,120 @@
+"""The legacy reader's entry points: values, state dicts, weights sources and whole modules."""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Iterable, Sequence
+
+import torch
+
+from modelkeep import errors
+from modelkeep.legacy import loader, statedict, trusted
+from modelkeep.legacy.policy import REFS, VALUES
+from modelkeep.legacy.vm import DEFAULT_LIMITS, Limits
+
+MODULE_KEYS = ("model", "module", "net", "network", "ema", "model_ema")
+
+
+def read(
+    path: str | os.PathLike[str],
+    *,
+    trust: Iterable[str] | str = (),
+    on_unknown: str = "error",
+    limits: Limits | None = None,
+) -> Any:
+    """What ``torch.load(path, weights_only=False)`` would return, built without running the file.
+
+    Tensors, numpy data, plain containers and records are built; whole modules only of trusted
+    classes (``torch.nn``, ``torchvision.models``, ``torchvision.ops`` and ``trust``). Any other
+    global raises UnsafeContentError listing them all, or with ``on_unknown="placeholder"``
+    becomes an inert ``Placeholder``. A TorchScript archive reads as
+    ``{"data": <module record>, "constants": <tuple>}``.
+    """
+    contents = loader.read_contents(
+        os.fspath(path), mode=VALUES, trust=trusted.Trust(trust), on_unknown=on_unknown,
+        limits=limits or DEFAULT_LIMITS,
+    )
+    if contents.container == "torchscript":
+        return {"data": contents.value, "constants": contents.constants}
+    return contents.value
+
+
+class LegacyWeights:
+    """The state dict of a torch.save file as references: ``entries`` by name (each with
+    ``shape``, ``dtype`` and ``torch_dtype``), the checkpoint key it came from, and readers."""
+
+    def __init__(self, contents: loader.Contents, state: dict[str, Any], source_key: str | None) -> None:
+        self.path = contents.path
+        self.container = contents.container
+        self.source_key = source_key
+        self._entries = state
+        self._loader = contents.loader
+
+    def entries(self) -> dict[str, Any]:
+        return dict(self._entries)
+
+    def tensors(self, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+        """Every tensor of the state dict; names that shared a storage in the file share it here."""
+        return statedict.read_tensors(self._entries, self._loader, device)
+
+    def read_into(self, pairs: Sequence[tuple[Any, torch.Tensor]], *, threads: int | None = None) -> int:
+        """Fill destination tensors from ``(entry, destination)`` pairs; returns bytes read."""
+        return statedict.read_into(self.path, pairs, self._loader, threads=threads)
+
+
+def open_weights(
+    path: str | os.PathLike[str],
+    *,
+    trust: Iterable[str] | str = (),
+    on_unknown: str = "error",
+    limits: Limits | None = None,
+) -> LegacyWeights:
+    """Find the state dict of a torch.save file (directly saved, under a checkpoint key such as
+    ``state_dict``/``model``, inside a whole pickled module, or a TorchScript module's parameters
+    and buffers) without building anything or importing any class."""
+    contents = loader.read_contents(
+        os.fspath(path), mode=REFS, trust=trusted.Trust(trust), on_unknown=on_unknown,
+        limits=limits or DEFAULT_LIMITS,
+    )
+    try:
+        state, key = statedict.find(contents)
+    except errors.ModelkeepError:
+        raise
+    except ValueError as e:
+        raise errors.FormatError(str(e), path=contents.path, fix="the file is crafted or damaged") from e
+    return LegacyWeights(contents, state, key)
+
+
+def read_state_dict(
+    path: str | os.PathLike[str],
+    *,
+    trust: Iterable[str] | str = (),
+    on_unknown: str = "error",
+    device: torch.device | str = "cpu",
+    limits: Limits | None = None,
+) -> dict[str, torch.Tensor]:
+    """``{name: tensor}`` of a torch.save file's state dict (see ``open_weights``)."""
+    return open_weights(path, trust=trust, on_unknown=on_unknown, limits=limits).tensors(device)
+
+
+def read_module(
+    path: str | os.PathLike[str],
+    *,
+    trust: Iterable[str] | str = (),
+    limits: Limits | None = None,
+) -> torch.nn.Module:
+    """The whole ``nn.Module`` pickled in a torch.save file (``torch.save(model, path)``), rebuilt
+    from trusted classes only and left in the training mode it was saved in. A checkpoint that
+    holds the module under ``model``/``module``/``net``/``ema`` works too."""
+    value = read(path, trust=trust, limits=limits)
+    if isinstance(value, torch.nn.Module):
+        return value
+    if isinstance(value, dict):
+        for key in MODULE_KEYS:
+            if isinstance(value.get(key), torch.nn.Module):
+                return value[key]
+    raise errors.ArchitectureError(
+        f"holds a {type(value).__name__}, not a whole pickled module",
+        path=os.fspath(path),
+        fix="for a state dict, build the model and use modelkeep.load_weights(model, path)",
+    )
