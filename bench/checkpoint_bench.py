@@ -1,6 +1,6 @@
 """How long a training loop stalls per checkpoint: modelkeep async, modelkeep sync, torch.save.
 
-    python -m bench.checkpoint_bench [--rounds 7] [--layers 18] [--width 2048] [--out PATH]
+    python -m bench.checkpoint_bench [--rounds 7] [--locations /tmp,/dev/shm] [--out PATH]
 
 A real training loop (an MLP of a few hundred MB trained with AdamW) saves model + optimizer
 state every few steps. Each round measures, in a rotating order:
@@ -12,6 +12,10 @@ state every few steps. Each round measures, in a rotating order:
 * **torch.save**: time of ``torch.save`` of the equivalent dict (model and optimizer state dicts,
   step, RNG state) to a fresh path; no fsync, as users call it. A fsync afterwards is timed
   separately for reference.
+
+Each location is measured on its own: by default the temp folder's disk (where a durable save
+waits for the disk) and ``/dev/shm``, a memory file system (where it does not, which shows the
+cost of the software alone).
 
 Between measurements the page cache is flushed (``os.sync``, not timed) so one variant's
 write-back does not land in the next one's time. The machine may be shared and noisy: the
@@ -49,7 +53,7 @@ def build(layers: int, width: int) -> tuple[torch.nn.Module, torch.optim.Optimiz
 def train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, steps: int, width: int) -> float:
     started = time.perf_counter()
     for _ in range(steps):
-        x = torch.randn(32, width)
+        x = torch.randn(8, width)
         loss = model(x).pow(2).mean()
         optimizer.zero_grad(set_to_none=False)
         loss.backward()
@@ -80,40 +84,34 @@ def fsync_path(path: str) -> float:
     return time.perf_counter() - started
 
 
-def run(rounds: int, layers: int, width: int, steps_between: int, out: Path) -> None:
+def run(location: str, rounds: int, layers: int, width: int, steps_between: int) -> str:
+    """Measure every variant in a fresh folder under ``location``; return the report section."""
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     model, optimizer = build(layers, width)
     train(model, optimizer, 1, width)  # optimizer state exists from here on
-    workdir = Path(tempfile.mkdtemp(prefix="mk-ckpt-bench-", dir=os.environ.get("MK_BENCH_DIR")))
-    asynchronous = mk.Checkpointer(workdir / "async", keep_last=2, async_save=True)
-    synchronous = mk.Checkpointer(workdir / "sync", keep_last=2, async_save=False)
+    workdir = Path(tempfile.mkdtemp(prefix="mk-ckpt-bench-", dir=location))
+    asynchronous = mk.Checkpointer(workdir / "async", keep_last=1, async_save=True)
+    copying = mk.Checkpointer(workdir / "async-copy", keep_last=1, async_save=True, snapshot="copy")
+    synchronous = mk.Checkpointer(workdir / "sync", keep_last=1, async_save=False)
     torch_dir = workdir / "torch"
     torch_dir.mkdir()
     size = state_bytes(model, optimizer)
     step_time = train(model, optimizer, 2, width) / 2
     step = 0
 
-    def async_save() -> dict[str, float]:
+    def checkpointer_save(checkpointer: mk.Checkpointer) -> dict[str, float]:
         nonlocal step
         step += 1
+        blocked = checkpointer.blocked_seconds
         started = time.perf_counter()
-        asynchronous.save(step, model=model, optimizer=optimizer)
-        stall = time.perf_counter() - started
-        trained = train(model, optimizer, steps_between, width)  # the write overlaps this
-        pending = asynchronous._writer.in_flight  # noqa: SLF001  (bench-only look inside)
-        started = time.perf_counter()
-        asynchronous.wait()
-        return {"stall": stall, "pending_after_training": pending, "extra_wait": time.perf_counter() - started,
+        checkpointer.save(step, model=model, optimizer=optimizer)
+        call = time.perf_counter() - started
+        trained = train(model, optimizer, steps_between, width)  # an async write overlaps this
+        held = checkpointer.blocked_seconds - blocked  # optimizer.step() waiting for the snapshot
+        pending = checkpointer._writer.in_flight  # noqa: SLF001  (bench-only look inside)
+        checkpointer.wait()  # not timed: in a real loop the next save is far away
+        return {"stall": call + held, "call": call, "held": held, "pending": pending,
                 "training": trained}
-
-    def sync_save() -> dict[str, float]:
-        nonlocal step
-        step += 1
-        started = time.perf_counter()
-        synchronous.save(step, model=model, optimizer=optimizer)
-        stall = time.perf_counter() - started
-        synchronous.wait()  # old checkpoints are removed in the background: not part of the save
-        return {"stall": stall}
 
     def torch_save() -> dict[str, float]:
         nonlocal step
@@ -125,89 +123,122 @@ def run(rounds: int, layers: int, width: int, steps_between: int, out: Path) -> 
         torch.save(payload, path)
         stall = time.perf_counter() - started
         fsync = fsync_path(path)
-        for old in sorted(torch_dir.iterdir(), key=lambda p: p.stat().st_mtime)[:-2]:
+        trained = train(model, optimizer, steps_between, width)
+        for old in sorted(torch_dir.iterdir(), key=lambda p: p.stat().st_mtime)[:-1]:
             old.unlink()
-        return {"stall": stall, "fsync_after": fsync}
+        return {"stall": stall, "fsync_after": fsync, "training": trained}
 
-    variants = {"async": async_save, "sync": sync_save, "torch": torch_save}
+    variants = {
+        "async": lambda: checkpointer_save(asynchronous),
+        "async_copy": lambda: checkpointer_save(copying),
+        "sync": lambda: checkpointer_save(synchronous),
+        "torch": torch_save,
+    }
     order = list(variants)
-    # Warm-up: the first async save allocates its reusable snapshot buffer; report it apart.
-    train(model, optimizer, 1, width)
+    # Warm-up: the first async saves allocate their reusable snapshot buffers; report apart.
     settle()
-    first_async = async_save()["stall"]
+    first_async = variants["async"]()["stall"]
+    settle()
+    variants["async_copy"]()
     settle()
     records: list[dict[str, dict[str, float]]] = []
     for index in range(rounds):
         record = {}
-        for name in order[index % 3:] + order[: index % 3]:
-            train(model, optimizer, steps_between, width)
+        shift = index % len(order)
+        for name in order[shift:] + order[:shift]:
             settle()
             record[name] = variants[name]()
-            settle()
         records.append(record)
         print(f"round {index + 1}/{rounds}: " + ", ".join(
             f"{k} {v['stall']:.3f}s" for k, v in record.items()), flush=True)
+    copying.close()
     asynchronous.close()
     synchronous.close()
     checkpoint_size = os.path.getsize(synchronous.path(synchronous.latest()))
     shutil.rmtree(workdir, ignore_errors=True)
-    out.write_text(report(records, size, checkpoint_size, step_time, steps_between, first_async,
-                          layers, width))
-    print(f"wrote {out}")
+    return report(records, size, checkpoint_size, step_time, steps_between, first_async,
+                  layers, width, location)
+
+
+def describe_location(location: str) -> str:
+    """The file system under ``location``, from /proc/mounts (longest matching mount point)."""
+    best = ("?", "?")
+    try:
+        with open("/proc/mounts") as mounts:
+            for line in mounts:
+                device, point, kind = line.split()[:3]
+                if location.startswith(point) and len(point) >= len(best[0]):
+                    best = (point, f"{kind} on {device}")
+    except OSError:
+        pass
+    return best[1]
 
 
 def report(records: list[dict[str, dict[str, float]]], size: int, file_size: int, step_time: float,
-           steps_between: int, first_async: float, layers: int, width: int) -> str:
-    a = [r["async"]["stall"] for r in records]
-    s = [r["sync"]["stall"] for r in records]
-    t = [r["torch"]["stall"] for r in records]
+           steps_between: int, first_async: float, layers: int, width: int, location: str) -> str:
+    med = statistics.median
+    col = {name: [r[name]["stall"] for r in records] for name in records[0]}
+    a, c, s, t = col["async"], col["async_copy"], col["sync"], col["torch"]
     f = [r["torch"]["fsync_after"] for r in records]
+    held = [r["async"]["held"] for r in records]
     async_ratio = [x / y for x, y in zip(a, s)]
+    copy_ratio = [x / y for x, y in zip(c, s)]
     speedup = [y / x for x, y in zip(s, t)]
     speedup_fsync = [(y + z) / x for x, y, z in zip(s, t, f)]
-    med = statistics.median
+    train = {name: med([r[name]["training"] for r in records]) for name in records[0]}
     lines = [
-        "# Checkpoint save stalls",
+        f"## Checkpoints in `{location}` ({describe_location(location)})",
         "",
         "Produced by `python -m bench.checkpoint_bench`. A training loop (MLP of "
-        f"{layers} x Linear({width}, {width}), AdamW) saves model + optimizer state: "
-        f"{size / 1e6:.0f} MB of tensors (the model itself {size / 3e6:.0f} MB), "
-        f"checkpoint file {file_size / 1e6:.0f} MB. One training step takes {step_time:.2f} s; "
-        f"{steps_between} steps run between saves, and the async write overlaps them.",
+        f"{layers} x Linear({width}, {width}) + GELU, AdamW, batch 8) saves model + optimizer "
+        f"state: {size / 1e6:.0f} MB of tensors (the model itself {size / 3e6:.0f} MB), checkpoint "
+        f"file {file_size / 1e6:.0f} MB. One training step takes about {step_time:.2f} s; after "
+        f"each save {steps_between} training steps run (an async write overlaps them).",
         "",
-        f"Machine: {os.cpu_count()} CPUs, load average at the end {os.getloadavg()[0]:.2f} "
-        f"(shared with other jobs), Python {platform.python_version()}, torch {torch.__version__}, "
-        f"modelkeep {mk.__version__}.",
+        f"Machine: {os.cpu_count()} CPUs shared with other jobs (load average at the end "
+        f"{os.getloadavg()[0]:.2f}), Python {platform.python_version()}, torch {torch.__version__}, "
+        f"modelkeep {mk.__version__}. Variants run in a rotating order each round, after `os.sync()`; "
+        f"{len(records)} rounds.",
         "",
-        "* **async stall**: time inside `Checkpointer.save(async_save=True)` (snapshot into a reused "
-        "buffer; the write, fsync and rename run in the background).",
-        "* **sync save**: time inside `Checkpointer.save(async_save=False)`: written, hashed, fsynced "
-        "and renamed (durable) when it returns.",
+        "* **async**: `Checkpointer.save` with `async_save=True` (default `snapshot='overlap'`): "
+        "stall = time inside `save` + time the next `optimizer.step()` was held waiting for the "
+        "background copy of parameters and optimizer state (that copy overlaps the next "
+        "forward/backward). The write, fsync and rename run in the background.",
+        "* **async copy**: the same with `snapshot='copy'`: every tensor is copied into a reused "
+        "buffer before `save` returns.",
+        "* **sync**: `Checkpointer.save` with `async_save=False`: written, hashed, fsynced and "
+        "renamed (durable) when it returns.",
         "* **torch.save**: `torch.save({'model': ..., 'optimizer': ..., 'step': ..., 'rng': ...})` "
-        "to a new path, not fsynced (as usually called); `+fsync` adds the fsync that would make it "
-        "durable.",
+        "to a new path, not fsynced (as usually called); `+fsync` adds the fsync that would make "
+        "it durable.",
         "",
-        "| round | async stall (s) | sync save (s) | torch.save (s) | torch.save +fsync (s) "
-        "| async / sync | torch.save / sync | (torch.save+fsync) / sync | async write pending after "
-        f"{steps_between} steps |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| round | async stall (s) | of which step held (s) | async copy stall (s) | sync save (s) "
+        "| torch.save (s) | torch.save +fsync (s) | async / sync | async copy / sync "
+        "| torch.save / sync | (torch.save+fsync) / sync | async write still pending |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for i, r in enumerate(records):
         lines.append(
-            f"| {i + 1} | {a[i]:.3f} | {s[i]:.3f} | {t[i]:.3f} | {t[i] + f[i]:.3f} | "
-            f"{async_ratio[i]:.1%} | {speedup[i]:.2f}x | {speedup_fsync[i]:.2f}x | "
-            f"{'yes' if r['async']['pending_after_training'] else 'no'} |")
+            f"| {i + 1} | {a[i]:.3f} | {held[i]:.3f} | {c[i]:.3f} | {s[i]:.3f} | {t[i]:.3f} | "
+            f"{t[i] + f[i]:.3f} | {async_ratio[i]:.1%} | {copy_ratio[i]:.1%} | {speedup[i]:.2f}x | "
+            f"{speedup_fsync[i]:.2f}x | {'yes' if r['async']['pending'] else 'no'} |")
     lines += [
-        f"| **median** | **{med(a):.3f}** | **{med(s):.3f}** | **{med(t):.3f}** | "
-        f"**{med([x + y for x, y in zip(t, f)]):.3f}** | **{med(async_ratio):.1%}** | "
-        f"**{med(speedup):.2f}x** | **{med(speedup_fsync):.2f}x** | |",
+        f"| **median** | **{med(a):.3f}** | {med(held):.3f} | **{med(c):.3f}** | **{med(s):.3f}** | "
+        f"**{med(t):.3f}** | **{med([x + y for x, y in zip(t, f)]):.3f}** | **{med(async_ratio):.1%}** | "
+        f"**{med(copy_ratio):.1%}** | **{med(speedup):.2f}x** | **{med(speedup_fsync):.2f}x** | |",
         "",
-        f"First async save (allocates the snapshot buffer, then reused): {first_async:.3f} s.",
+        f"First async save (allocates the snapshot buffer, reused afterwards): {first_async:.3f} s.",
+        "",
+        f"Median time of the {steps_between} training steps after each save: after async "
+        f"{train['async']:.2f} s, after async copy {train['async_copy']:.2f} s, after sync "
+        f"{train['sync']:.2f} s, after torch.save {train['torch']:.2f} s (the background copy and "
+        "write share the CPUs and memory bandwidth with training).",
         "",
         "Targets: async stall <= 25% of the sync save: "
         f"**{'met' if med(async_ratio) <= 0.25 else 'NOT met'}** (median {med(async_ratio):.1%}, "
-        f"{sum(x <= 0.25 for x in async_ratio)}/{len(records)} rounds); sync save >= 2x faster than "
-        f"torch.save: **{'met' if med(speedup) >= 2 else 'NOT met'}** (median {med(speedup):.2f}x, "
+        f"{sum(x <= 0.25 for x in async_ratio)}/{len(records)} rounds; with `snapshot='copy'` "
+        f"median {med(copy_ratio):.1%}); sync save >= 2x faster than torch.save: "
+        f"**{'met' if med(speedup) >= 2 else 'NOT met'}** (median {med(speedup):.2f}x, "
         f"{sum(x >= 2 for x in speedup)}/{len(records)} rounds; against a durable torch.save "
         f"median {med(speedup_fsync):.2f}x).",
         "",
@@ -220,10 +251,21 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--layers", type=int, default=18)
     parser.add_argument("--width", type=int, default=2048)
-    parser.add_argument("--steps-between", type=int, default=3)
+    parser.add_argument("--steps-between", type=int, default=2)
+    parser.add_argument("--locations", default=f"{tempfile.gettempdir()},/dev/shm",
+                        help="comma-separated folders to save in (default: the temp dir's disk, "
+                        "then /dev/shm, a memory file system, to separate software from disk)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
-    run(args.rounds, args.layers, args.width, args.steps_between, args.out)
+    sections = []
+    for location in args.locations.split(","):
+        if not os.path.isdir(location):
+            print(f"skipping {location}: not a folder")
+            continue
+        sections.append(run(location, args.rounds, args.layers, args.width, args.steps_between))
+        print(f"done with {location}", flush=True)
+    args.out.write_text("# Checkpoint save stalls\n\n" + "\n".join(sections))
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

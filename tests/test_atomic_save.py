@@ -338,3 +338,34 @@ def test_stale_temps_of_other_files_and_live_writers_are_kept(tmp_path):
     mk.save_weights(version(1), path)
     assert sorted(os.listdir(tmp_path)) == sorted(["model", live, other_file, odd])
     assert engine.remove_stale_temps(path) == []
+
+
+def test_replacing_keeps_permissions_and_writes_through_symlinks(tmp_path) -> None:
+    import os
+    import stat
+
+    import torch
+
+    import modelkeep as mk
+
+    target = tmp_path / "real.safetensors"
+    mk.save_weights({"a": torch.ones(2)}, target)
+    os.chmod(target, 0o600)
+    link = tmp_path / "link.safetensors"
+    link.symlink_to(target)
+    mk.save_weights({"a": torch.zeros(2)}, link)
+    assert link.is_symlink()
+    assert stat.S_IMODE(os.stat(target).st_mode) == 0o600
+    assert torch.equal(mk.load_state_dict(target)["a"], torch.zeros(2))
+
+
+def test_very_long_file_names_save(tmp_path) -> None:
+    import torch
+
+    import modelkeep as mk
+
+    path = tmp_path / ("w" * 240 + ".safetensors")
+    mk.save_weights({"a": torch.ones(3)}, path)
+    mk.save_weights({"a": torch.full((3,), 2.0)}, path)
+    assert torch.equal(mk.load_state_dict(path)["a"], torch.full((3,), 2.0))
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]

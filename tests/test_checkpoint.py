@@ -612,6 +612,17 @@ def test_import_torch_checkpoint(tmp_path: Path) -> None:
     assert restored.extra["epoch"] == 5 and torch.equal(restored.extra["loss"], torch.tensor(0.25))
 
 
+def test_safe_read_returns_the_nested_state(tmp_path: Path) -> None:
+    reading = pytest.importorskip("modelkeep.reading")
+    model, optimizer = tiny()
+    path = mk.Checkpointer(tmp_path, async_save=False).save(2, model=model, optimizer=optimizer,
+                                                           extra={"epoch": (1, 2)})
+    data = reading.read(path)
+    assert data["step"] == 2 and data["extra"] == {"epoch": (1, 2)}
+    assert torch.equal(data["optimizer"]["state"][3]["momentum_buffer"],
+                       optimizer.state[model[2].bias]["momentum_buffer"])
+
+
 def test_torch_checkpoint_mapping() -> None:
     weights = {"w": torch.zeros(2)}
     step, state = files.state_from_torch(

@@ -16,7 +16,7 @@ from torch import nn
 
 import modelkeep as mk
 from modelkeep import api, engine, format, models
-from modelkeep.arch import factories, rebuild, records
+from modelkeep.arch import factories, rebuild, records, verify
 
 
 def test_canonical_names() -> None:
@@ -120,7 +120,7 @@ def test_named_weights_shape_the_architecture_without_downloading() -> None:
     frozen = [m for m in pretrained.modules() if type(m).__name__ == "FrozenBatchNorm2d"]
     assert frozen and not [m for m in plain.modules() if type(m).__name__ == "FrozenBatchNorm2d"]
     with pytest.raises(mk.ArchitectureError, match="num_batches_tracked"):
-        rebuild.check_same_structure(pretrained, plain, what=name)
+        verify.check_same_structure(pretrained, plain, what=name)
     assert torch.nn.Module.load_state_dict.__name__ == "load_state_dict"  # patch undone
 
 
@@ -209,10 +209,10 @@ def _meta_roundtrip(name: str) -> None:
         assert record["factory"] == name
         rebuilt = rebuild.construct(
             lambda: factories.call(record["factory"], factories.resolve(record["factory"]), {}),
-            expected=rebuild.shapes_of(model),
+            expected=verify.shapes_of(model),
             what=name,
         )
-    rebuild.check_same_structure(model, rebuilt, what=name)
+    verify.check_same_structure(model, rebuilt, what=name)
     assert set(rebuilt.state_dict()) == set(state)
 
 

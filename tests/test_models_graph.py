@@ -250,10 +250,10 @@ def test_guard_code_and_node_metadata_are_dropped(gated, tmp_path) -> None:
 
 
 def test_program_checker_accepts_what_torch_writes() -> None:
-    from modelkeep.arch import graph
+    from modelkeep.arch import programs
 
-    assert graph.check_expression("Symbol('s77', positive=True, integer=True)", path=None)
-    assert graph.check_expression("Add(Mul(Integer(2), Symbol('s0', integer=True)), Integer(-1))", path=None)
+    assert programs.check_expression("Symbol('s77', positive=True, integer=True)", path=None)
+    assert programs.check_expression("Add(Mul(Integer(2), Symbol('s0', integer=True)), Integer(-1))", path=None)
     for bad in ("Symbol('s0').__class__", "lambda: 0", "s0 ** 2", "[s0]", "Symbol('os.system')", "x;y"):
         with pytest.raises(mk.UnsafeContentError):
-            graph.check_expression(bad, path=None)
+            programs.check_expression(bad, path=None)

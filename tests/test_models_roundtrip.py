@@ -62,6 +62,20 @@ def test_vgg16_outputs_identical(vgg16_roundtrip) -> None:
     assert record == {"version": 1, "strategy": "factory", "factory": "torchvision.models.vgg16", "kwargs": {}, "buffers": {}}
 
 
+def test_vgg16_mapped_load(vgg16_roundtrip) -> None:
+    """``mmap=True``: parameters are copy-on-write views of the file; writing to them leaves the
+    file alone."""
+    model, path = vgg16_roundtrip
+    before = path.read_bytes()[-4096:]
+    loaded = mk.load(path, mmap=True)
+    assert loaded.classifier[0].weight.untyped_storage().nbytes() == path.stat().st_size
+    _same_outputs(model, loaded, (3, 32, 32))
+    with torch.no_grad():
+        loaded.classifier[6].bias.add_(1.0)
+    assert path.read_bytes()[-4096:] == before
+    assert torch.equal(mk.load(path).classifier[6].bias, model.classifier[6].bias)
+
+
 def test_vgg16_file_is_plain_safetensors(vgg16_roundtrip) -> None:
     safetensors = pytest.importorskip("safetensors.torch")
     model, path = vgg16_roundtrip

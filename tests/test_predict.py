@@ -372,3 +372,10 @@ def test_bad_arguments() -> None:
         mk.predict(linear_classifier(), 3)
     with pytest.raises(errors.UnsupportedValueError, match="cannot predict with"):
         mk.predict(42, torch.zeros(1, 4))
+
+
+def test_integer_spec_gets_integer_inputs() -> None:
+    model = torch.nn.Sequential(torch.nn.Embedding(5, 3), torch.nn.Flatten())
+    ids = mk.InferenceSpec(input_shape=("batch", 2), input_dtype="int64", output="raw")
+    (prediction,) = mk.predict(model, np.array([[1.0, 4.0]]), spec=ids)
+    assert torch.equal(prediction.output, model(torch.tensor([[1, 4]])).detach()[0])

@@ -81,7 +81,8 @@ def test_cli_predict_json(saved: str) -> None:
         assert prediction["top"][0]["probability"] == pytest.approx(values[row, 0].item(), abs=1e-6)
 
 
-def test_cli_predict_tables_and_tensor_inputs(tmp_path) -> None:
+def test_cli_predict_tables_and_tensor_inputs(tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
     model = torch.nn.Sequential(torch.nn.Linear(3, 2))
     with torch.no_grad():
         model[0].weight.copy_(torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]))
@@ -89,7 +90,7 @@ def test_cli_predict_tables_and_tensor_inputs(tmp_path) -> None:
     path = str(tmp_path / "linear.safetensors")
     models.save(model, path)  # no inference spec: tensors still predict, labels are indices
     np.save(tmp_path / "x.npy", np.array([[0.0, 3.0, 0.0]], dtype=np.float32))
-    result = CliRunner().invoke(cli.main, ["predict", path, str(tmp_path / "x.npy")])
+    result = CliRunner().invoke(cli.main, ["predict", "linear.safetensors", "x.npy"])
     assert result.exit_code == 0, result.output
     assert "x.npy" in result.output and "95.26%" in result.output  # softmax([0, 3])[1]
 

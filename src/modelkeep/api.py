@@ -279,7 +279,7 @@ def _named_tensors(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
 def _tied_groups(
     model: torch.nn.Module, named: list[tuple[str, torch.Tensor]] | None = None
 ) -> list[list[str]]:
-    """Names of parameters/buffers that are one object, so tying survives ``to_empty``."""
+    """Names of parameters/buffers that are one object (tied), so loading keeps them one."""
     by_id: dict[int, list[str]] = {}
     for name, tensor in named if named is not None else _named_tensors(model):
         by_id.setdefault(id(tensor), []).append(name)
@@ -306,14 +306,32 @@ def _unfilled_error(path: str, unfilled: list[str]) -> errors.KeyMismatchError:
     )
 
 
-def _retie(model: torch.nn.Module, groups: list[list[str]]) -> None:
-    for names in groups:
-        first_owner, first_attr = _owner(model, names[0])
-        shared = getattr(first_owner, first_attr)
-        for name in names[1:]:
-            owner, attr = _owner(model, name)
-            if getattr(owner, attr) is not shared:
-                setattr(owner, attr, shared)
+def _materialize(
+    model: torch.nn.Module, named: list[tuple[str, torch.Tensor]], device: torch.device | str
+) -> None:
+    """Give every meta parameter and buffer uninitialised memory on ``device``, to be filled.
+
+    One new tensor per old object, set under every name, so tied names stay tied; strides are
+    kept (channels_last stays channels_last). Unlike ``Module.to_empty`` this imports nothing:
+    ``empty_like`` on meta tensors pulls in sympy on first use, a second of a fresh process.
+    """
+    replaced: dict[int, torch.Tensor] = {}
+    for name, tensor in named:
+        if not tensor.is_meta:
+            continue
+        new = replaced.get(id(tensor))
+        if new is None:
+            data = torch.empty_strided(tensor.size(), tensor.stride(), dtype=tensor.dtype, device=device)
+            if isinstance(tensor, torch.nn.Parameter):
+                new = torch.nn.Parameter(data, requires_grad=tensor.requires_grad)
+            else:
+                new = data
+            replaced[id(tensor)] = new
+        owner, attr = _owner(model, name)
+        if isinstance(new, torch.nn.Parameter):
+            owner._parameters[attr] = new
+        else:
+            owner._buffers[attr] = new
 
 
 def _owner(model: torch.nn.Module, name: str) -> tuple[torch.nn.Module, str]:
@@ -423,8 +441,7 @@ def load_weights(
         report.uninitialized = _unfilled(model, [targets[name] for name in report.loaded])
         if strict and report.uninitialized:
             raise _unfilled_error(path, report.uninitialized)
-        model.to_empty(device=device or "cpu")
-        _retie(model, groups)
+        _materialize(model, named, device or "cpu")
         targets = dict(model.state_dict(keep_vars=True))
     if device is not None or dtype is not None:
         model.to(device=device, dtype=dtype)

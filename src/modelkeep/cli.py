@@ -218,7 +218,11 @@ def predict_command(model: str, inputs: tuple[str, ...], topk: int, batch_size: 
     if as_json:
         click.echo(json.dumps({"model": model, "predictions": [p.to_json() for p in predictions]}, indent=2))
         return
-    table = Table("input", "#", "label", "probability", title=model, title_justify="left")
+    table = Table(title=model, title_justify="left")
+    table.add_column("input")
+    table.add_column("#", justify="right")
+    table.add_column("label")
+    table.add_column("probability", justify="right")
     for prediction in predictions:
         if not prediction.top:
             console.print(f"{prediction.source}: {pipeline.to_jsonable(prediction.output)}", highlight=False)

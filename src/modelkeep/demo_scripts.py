@@ -20,6 +20,7 @@ print(json.dumps({{"import": imported - started, "load": loaded - imported, "pre
 """
 
 VGG_MODELKEEP = _PRELUDE + """
+import torchvision  # imported by either side: the timings then compare loading alone
 import modelkeep as mk
 imported = time.perf_counter()
 model = mk.load({path!r})

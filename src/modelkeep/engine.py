@@ -21,6 +21,7 @@ import gc
 import mmap
 import os
 import secrets
+import stat
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
@@ -523,16 +524,23 @@ def _finish_digest(hasher: "xxhash.xxh3_128", slot: int, digests: list[str]) -> 
     digests[slot] = hasher.hexdigest()
 
 
+def _temp_prefix(name: str) -> str:
+    """``.NAME.``, shortened for long names so the temporary name stays within NAME_MAX (255)."""
+    if len(name.encode("utf-8")) > 200:
+        name = name[:100] + "~" + xxhash.xxh64_hexdigest(name.encode("utf-8", "surrogatepass"))
+    return f".{name}."
+
+
 def temp_path_for(path: str) -> str:
     folder, name = os.path.split(os.path.abspath(path))
-    return os.path.join(folder, f".{name}.{os.getpid()}-{secrets.token_hex(4)}{TEMP_SUFFIX}")
+    return os.path.join(folder, f"{_temp_prefix(name)}{os.getpid()}-{secrets.token_hex(4)}{TEMP_SUFFIX}")
 
 
 def remove_stale_temps(path: str) -> list[str]:
     """Delete temporary files that a crashed save to ``path`` left behind (their writer is gone)."""
     folder, name = os.path.split(os.path.abspath(path))
     removed = []
-    prefix = f".{name}."
+    prefix = _temp_prefix(name)
     try:
         candidates = os.listdir(folder)
     except OSError:
@@ -579,9 +587,10 @@ def atomic_file(path: str) -> Iterator[int]:
     """Yield a file descriptor of a temporary file that replaces ``path`` on success.
 
     The bytes are fsynced before the rename and the folder after it. On any exception the
-    temporary file is removed and ``path`` is left as it was.
+    temporary file is removed and ``path`` is left as it was. A symlink is written through (its
+    target is replaced, the link stays), and a replaced file keeps its permission bits.
     """
-    path = os.path.abspath(os.fspath(path))
+    path = os.path.realpath(os.fspath(path))
     folder = os.path.dirname(path)
     if not os.path.isdir(folder):
         raise errors.StorageError(
@@ -596,6 +605,8 @@ def atomic_file(path: str) -> Iterator[int]:
     committed = False
     try:
         try:
+            with contextlib.suppress(FileNotFoundError):
+                os.fchmod(fd, stat.S_IMODE(os.stat(path).st_mode))
             yield fd
             os.fsync(fd)
         finally:

@@ -17,7 +17,7 @@ from typing import Any, Mapping
 import torch
 
 from modelkeep import api, engine, errors, format
-from modelkeep.arch import factories, graph, modules, rebuild, records
+from modelkeep.arch import factories, graph, modules, rebuild, records, verify
 
 STRATEGIES = records.STRATEGIES
 RECIPE_ATTR = "_modelkeep_recipe"
@@ -96,7 +96,7 @@ def _weights_label(canonical: str, weights: Any) -> str:
         return str(getattr(weights, "name", weights))
     from torchvision import models
 
-    registry_name = factories._torchvision_index()[0].get(canonical)
+    registry_name = factories.torchvision_registry_name(canonical)
     if registry_name is None:
         raise errors.ArchitectureError(
             "named weights exist for torchvision builders only, not for model classes",
@@ -170,18 +170,21 @@ def _factory_record(model: torch.nn.Module, recipe: Mapping[str, Any]) -> dict[s
     kwargs = {k: records.decode_value(v, path=None, item=f"kwargs.{k}") for k, v in recipe["kwargs"].items()}
     what = f"factory {name}"
     rebuilt = rebuild.construct(
-        lambda: factories.call(name, builder, kwargs), expected=rebuild.shapes_of(model), what=what
+        lambda: factories.call(name, builder, kwargs), expected=verify.shapes_of(model), what=what
     )
-    rebuild.check_same_structure(model, rebuilt, what=what)
+    verify.check_same_structure(model, rebuilt, what=what)
     return records.new_record("factory", factory=name, kwargs=dict(recipe["kwargs"]))
 
 
 def _modules_record(model: torch.nn.Module) -> dict[str, Any]:
     root = modules.record_tree(model)
     rebuilt = rebuild.construct(
-        lambda: modules.build_tree(root, path=None), expected=rebuild.shapes_of(model), what="the module tree"
+        lambda: modules.build_tree(root, path=None),
+        expected=verify.shapes_of(model),
+        what="the module tree",
+        fallback=False,
     )
-    rebuild.check_same_structure(model, rebuilt, what="the module tree")
+    verify.check_same_structure(model, rebuilt, what="the module tree")
     return records.new_record("modules", root=root)
 
 
@@ -302,12 +305,17 @@ def load(
     *,
     device: torch.device | str | None = None,
     trust: tuple[str, ...] | list[str] = (),
+    mmap: bool = False,
 ) -> torch.nn.Module:
     """A ready ``nn.Module`` in ``eval()`` from a file written by ``save``.
 
     Nothing is unpickled and nothing outside the trusted namespaces is imported: a file naming a
     factory that is neither registered, torchvision/timm, nor under a module named in ``trust`` is
     refused before any import. torch.save files of whole modules go through the legacy reader.
+
+    ``mmap=True`` (CPU) maps the file copy-on-write instead of reading it: the fastest first
+    prediction, but the file must not be changed in place while the model lives (modelkeep's own
+    saves replace files atomically, which is safe).
     """
     path = os.fspath(path)
     trust = factories.check_trust_names(trust)
@@ -326,7 +334,7 @@ def load(
             "has no architecture record", path=path, item=format.KEY_ARCHITECTURE, fix="re-save it with modelkeep.save"
         )
     model, extras = rebuild.build_model(record, header, trust=trust)
-    rebuild.fill(model, header, extras, device=device)
+    rebuild.fill(model, header, extras, device=device, mmap=mmap)
     if record.get("strategy") == "factory":  # so that a loaded model saves again without hints
         object.__setattr__(model, RECIPE_ATTR, {"factory": record["factory"], "kwargs": record["kwargs"]})
     spec = _inference_of(header)

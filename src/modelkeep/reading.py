@@ -93,6 +93,11 @@ class ShardedSource:
         self._entries: dict[str, Any] = {}
         self._owner: dict[int, Any] = {}
         for shard_name in dict.fromkeys(weight_map.values()):
+            if not os.path.isfile(os.path.join(folder, shard_name)):
+                raise errors.FormatError(
+                    f"the index names shard {shard_name!r}, which is missing from the folder",
+                    path=index_path, fix="download every shard the index lists",
+                )
             shard = open_source(os.path.join(folder, shard_name), trust=trust, on_unknown=on_unknown)
             self.shards[shard_name] = shard
             for name, entry in shard.entries().items():

@@ -105,6 +105,11 @@ def _torchvision_index() -> tuple[dict[str, str], dict[str, str]]:
     return by_canonical, {v: k for k, v in by_canonical.items()}
 
 
+def torchvision_registry_name(name: str) -> str | None:
+    """torchvision's own name (``get_model`` / ``get_model_weights``) of a canonical builder name."""
+    return _torchvision_index()[0].get(name)
+
+
 def torchvision_names() -> list[str]:
     """Canonical names of every torchvision builder, e.g. ``torchvision.models.vgg16``."""
     return sorted(_torchvision_index()[0])
@@ -160,7 +165,11 @@ def _weights_named_not_downloaded() -> Iterator[None]:
     original_get = _api.WeightsEnum.get_state_dict
     original_load = torch.nn.Module.load_state_dict
 
+    builder = threading.get_ident()
+
     def get_state_dict(self: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        if threading.get_ident() != builder:  # other threads download as usual
+            return original_get(self, *args, **kwargs)
         return _SkippedWeights()
 
     def load_state_dict(self: torch.nn.Module, state_dict: Any, *args: Any, **kwargs: Any) -> Any:

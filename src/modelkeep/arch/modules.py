@@ -5,7 +5,7 @@ Arguments are read back from each layer by matching its ``__init__`` signature a
 attributes (``Conv2d(in_channels, ...)`` keeps ``self.in_channels``; a ``bias`` flag is whether the
 bias tensor exists). Layers whose arguments are not attributes (transformer layers, multi-head
 attention, recurrent layers) have small readers of their own. Whatever is read is proven at save
-time by rebuilding the tree and comparing it with the original (``rebuild.check_same_structure``),
+time by rebuilding the tree and comparing it with the original (``verify.check_same_structure``),
 so a reading mistake is a refusal, never a silently different model.
 
 Only classes of ``torch.nn`` itself are named, and they are looked up as attributes of

@@ -1,32 +1,27 @@
-"""Building modules without random init, and proving that a record rebuilds the model it came from.
+"""Building modules without random init, and filling them from a file.
 
-Construction runs under ``torch.device("meta")`` first: no memory is touched and no initialiser
-runs, so even a record that asks for absurd sizes costs nothing before its shapes are compared with
-the file. Some builders compute real tensors while they construct (detection anchors, regnet
-widths); for those the build is repeated with only the *parameters* sent to the meta device as they
-are registered, so computed attributes keep their values.
+Construction runs under ``torch.device("meta")`` with ``torch.nn.init`` switched off: no memory is
+touched and no initialiser runs, so even a record that asks for absurd sizes costs nothing before
+its shapes are compared with the file. Some builders compute real tensors while they construct
+(detection anchors, regnet widths); for those the build is repeated with only the *parameters*
+sent to the meta device as they are registered, so computed attributes keep their values.
 
-Verification compares what a state dict cannot show as well as what it can: every parameter and
-buffer name and shape, and per submodule its class, ``extra_repr()`` and plain public attributes
-(an ``Inception3`` built for pretrained weights differs only in ``transform_input``).
+Loading is then ``build_model`` (record -> module on meta) and ``fill`` (``api.load_weights`` into
+it, plus the tensors a state dict leaves out: non-persistent buffers and graph constants).
 """
 
 from __future__ import annotations
 
 import contextlib
-import enum
-import functools
 import threading
-import types
 from typing import Any, Callable, Iterator, Mapping
 
 import torch
 
 from modelkeep import api, engine, errors, format
-from modelkeep.arch import factories, graph, modules, records
+from modelkeep.arch import factories, graph, modules, records, verify
 
 _hook_lock = threading.RLock()
-MAX_SHOWN = 12
 
 
 # --------------------------------------------------------------------------------------------
@@ -35,11 +30,13 @@ MAX_SHOWN = 12
 
 @contextlib.contextmanager
 def _parameters_on_meta() -> Iterator[None]:
-    """Send every parameter registered while active to the meta device (global torch hook, so
-    builds are serialised)."""
+    """Send every parameter this thread registers while active to the meta device (a global
+    torch hook: builds are serialised, other threads are left alone)."""
+
+    builder = threading.get_ident()
 
     def to_meta(module: torch.nn.Module, name: str, param: Any) -> Any:
-        if type(param) is not torch.nn.Parameter or param.is_meta:
+        if threading.get_ident() != builder or type(param) is not torch.nn.Parameter or param.is_meta:
             return None
         return torch.nn.Parameter(torch.empty_like(param, device="meta"), requires_grad=param.requires_grad)
 
@@ -49,6 +46,34 @@ def _parameters_on_meta() -> Iterator[None]:
             yield
         finally:
             handle.remove()
+
+
+@contextlib.contextmanager
+def _initialisers_skipped() -> Iterator[None]:
+    """Make ``torch.nn.init`` functions no-ops (on the meta device they compute nothing, yet
+    their Python meta kernels are most of a meta build's time)."""
+    init = torch.nn.init
+    names = [n for n in dir(init) if n.endswith("_") and not n.startswith("_") and callable(getattr(init, n))]
+
+    builder = threading.get_ident()
+
+    def skipping(original: Callable[..., Any]) -> Callable[..., Any]:
+        def skip(tensor: Any, *args: Any, **kwargs: Any) -> Any:
+            if threading.get_ident() != builder:  # other threads initialise as usual
+                return original(tensor, *args, **kwargs)
+            return tensor
+
+        return skip
+
+    with _hook_lock:
+        saved = {name: getattr(init, name) for name in names}
+        for name in names:
+            setattr(init, name, skipping(saved[name]))
+        try:
+            yield
+        finally:
+            for name, function in saved.items():
+                setattr(init, name, function)
 
 
 def has_meta_attributes(model: torch.nn.Module) -> bool:
@@ -62,32 +87,36 @@ def has_meta_attributes(model: torch.nn.Module) -> bool:
     return False
 
 
-def shapes_of(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
-    return {name: tuple(t.shape) for name, t in model.state_dict(keep_vars=True).items() if isinstance(t, torch.Tensor)}
-
-
 def construct(
     build: Callable[[], torch.nn.Module],
     *,
     expected: Mapping[str, tuple[int, ...]] | None,
     what: str,
     path: str | None = None,
+    fallback: bool = True,
 ) -> torch.nn.Module:
     """Call ``build`` so that parameters end up on the meta device, uninitialised.
 
     ``expected`` (names -> shapes) is compared after the cheap meta build, before a build that
-    allocates real memory, so a record cannot make us allocate more than its file holds.
+    allocates real memory, so a record cannot make us allocate more than its file holds. Without
+    ``fallback`` (built-in layers never need it) only the meta build is tried.
     """
-    meta_model: torch.nn.Module | None = None
+    meta_model: Any = None
     try:
-        with torch.device("meta"):
+        with torch.device("meta"), _initialisers_skipped():
             meta_model = build()
-    except Exception:  # builders that compute with tensor values while constructing; a real
-        meta_model = None  # error repeats below and is reported from there
-    if meta_model is not None:
+    except Exception as e:  # builders that compute with tensor values while constructing; a
+        if not fallback:  # real error repeats below and is reported from there
+            if isinstance(e, errors.ModelkeepError):
+                raise
+            raise errors.ArchitectureError(
+                f"building {what} failed: {type(e).__name__}: {e}", path=path, fix="re-save the model"
+            ) from e
+        meta_model = None
+    if isinstance(meta_model, torch.nn.Module):
         if expected is not None:
-            check_shapes(shapes_of(meta_model), expected, what=what, path=path)
-        if not has_meta_attributes(meta_model):
+            verify.check_shapes(verify.shapes_of(meta_model), expected, what=what, path=path)
+        if not has_meta_attributes(meta_model) or not fallback:
             return meta_model
     try:
         with _parameters_on_meta():
@@ -105,122 +134,6 @@ def construct(
             f"{what} returned {type(model).__name__}, not an nn.Module", path=path, fix="fix the factory"
         )
     return model
-
-
-# --------------------------------------------------------------------------------------------
-# Verification
-
-
-def check_shapes(
-    actual: Mapping[str, tuple[int, ...]],
-    expected: Mapping[str, tuple[int, ...]],
-    *,
-    what: str,
-    path: str | None = None,
-    error: type[errors.ModelkeepError] = errors.ArchitectureError,
-) -> None:
-    lines = [f"  only in the rebuilt model: {n}" for n in actual if n not in expected]
-    lines += [f"  missing from the rebuilt model: {n}" for n in expected if n not in actual]
-    lines += [
-        f"  shape differs: {n}: rebuilt {list(actual[n])}, expected {list(expected[n])}"
-        for n in expected
-        if n in actual and tuple(actual[n]) != tuple(expected[n])
-    ]
-    if lines:
-        raise error(
-            f"{what} does not rebuild the same parameters and buffers ({len(lines)} differences):\n"
-            + "\n".join(_shown(lines))
-            + "\n",
-            path=path,
-            item="modelkeep.architecture",
-            fix="record the arguments the model was built with, or save with strategy='graph' and "
-            "example_inputs",
-        )
-
-
-_SKIP = object()
-
-
-def _plain(value: Any, depth: int = 0) -> Any:
-    """A comparable form of an attribute value, or _SKIP for values that are not configuration."""
-    if depth > 8:
-        return _SKIP
-    if value is None or isinstance(value, (bool, int, str)):
-        return value
-    if isinstance(value, float):
-        return repr(value)
-    if isinstance(value, enum.Enum):
-        return f"{type(value).__name__}.{value.name}"
-    if isinstance(value, torch.dtype):
-        return str(value)
-    if isinstance(value, (types.FunctionType, types.BuiltinFunctionType)):
-        return f"function {getattr(value, '__module__', '')}.{getattr(value, '__qualname__', '')}"
-    if isinstance(value, functools.partial):
-        return _plain(value.func, depth + 1)
-    if isinstance(value, (list, tuple)):
-        items = [_plain(v, depth + 1) for v in value]
-        return _SKIP if any(v is _SKIP for v in items) else items
-    if isinstance(value, dict) and all(isinstance(k, str) for k in value):
-        pairs = {k: _plain(v, depth + 1) for k, v in value.items()}
-        return _SKIP if any(v is _SKIP for v in pairs.values()) else pairs
-    return _SKIP
-
-
-def fingerprint(model: torch.nn.Module) -> dict[str, dict[str, Any]]:
-    """Per submodule: class, ``extra_repr()`` and plain public attributes (no tensors)."""
-    out: dict[str, dict[str, Any]] = {}
-    for name, module in model.named_modules(remove_duplicate=False):
-        cls = type(module)
-        entry: dict[str, Any] = {"class": f"{cls.__module__}.{cls.__qualname__}"}
-        try:
-            entry["extra_repr"] = module.extra_repr()
-        except Exception:  # extra_repr of an exotic module reading tensor values on meta
-            entry["extra_repr"] = "?"
-        for key, value in vars(module).items():
-            if key.startswith("_") or key == "training":
-                continue
-            plain = _plain(value)
-            if plain is not _SKIP:
-                entry[key] = plain
-        out[name or "(root)"] = entry
-    return out
-
-
-def check_same_structure(
-    original: torch.nn.Module, rebuilt: torch.nn.Module, *, what: str, path: str | None = None
-) -> None:
-    """ArchitectureError unless ``rebuilt`` has the names, shapes, classes and settings of
-    ``original``."""
-    check_shapes(shapes_of(rebuilt), shapes_of(original), what=what, path=path)
-    left, right = fingerprint(original), fingerprint(rebuilt)
-    lines = [f"  only in the saved model: {n}" for n in left if n not in right]
-    lines += [f"  only in the rebuilt model: {n}" for n in right if n not in left]
-    for name, attrs in left.items():
-        other = right.get(name)
-        if other is None:
-            continue
-        for key in sorted(set(attrs) | set(other)):
-            if attrs.get(key, "<absent>") != other.get(key, "<absent>"):
-                lines.append(
-                    f"  {name}: {key}: saved {attrs.get(key, '<absent>')!r}, rebuilt "
-                    f"{other.get(key, '<absent>')!r}"
-                )
-    if lines:
-        raise errors.ArchitectureError(
-            f"{what} rebuilds a different model ({len(lines)} differences):\n"
-            + "\n".join(_shown(lines))
-            + "\n",
-            path=path,
-            item="modelkeep.architecture",
-            fix="record the arguments the model was built with (factory={'factory': ..., "
-            "'kwargs': {...}}), or save with strategy='graph' and example_inputs",
-        )
-
-
-def _shown(lines: list[str]) -> list[str]:
-    if len(lines) <= MAX_SHOWN:
-        return lines
-    return lines[:MAX_SHOWN] + [f"  ... and {len(lines) - MAX_SHOWN} more"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -323,6 +236,7 @@ def build_model(
             expected=state_shapes,
             what="the module tree",
             path=path,
+            fallback=False,
         )
     return model, extras
 
@@ -344,13 +258,17 @@ def fill(
     extras: Mapping[str, str],
     *,
     device: torch.device | str | None,
+    mmap: bool = False,
 ) -> None:
     """Fill ``model`` from the file (``load_weights`` semantics: names and shapes checked first,
-    bytes straight into the parameters), put back the extra tensors, leave it in eval()."""
+    bytes straight into the parameters), put back the extra tensors, leave it in eval().
+
+    With ``mmap`` (CPU only) the tensors become copy-on-write views of a private mapping of the
+    file: nothing is copied up front, pages arrive as the first forward pass touches them."""
     entries = _entries(header)
     state_shapes = {n: e.shape for n, e in entries.items() if not n.startswith(records.EXTRA_PREFIX)}
-    check_shapes(
-        shapes_of(model), state_shapes, what="the architecture record", path=header.path,
+    verify.check_shapes(
+        verify.shapes_of(model), state_shapes, what="the architecture record", path=header.path,
         error=errors.KeyMismatchError,
     )
     missing = [stored for stored in extras.values() if stored not in entries]
@@ -362,7 +280,9 @@ def fill(
         header.path, [entries[s] for s in dict.fromkeys(extras.values())], device=device or "cpu"
     )
     _put_extras(model, extras, values, header.path)  # so that no meta tensor is left unfilled
-    api.load_weights(model, header.path, strict=False, device=device)
+    on_cpu = device is None or torch.device(device).type == "cpu"
+    if not (mmap and on_cpu and _map_into(model, header, entries)):
+        api.load_weights(model, header.path, strict=False, device=device)
     _put_extras(model, extras, values, header.path)  # materialising replaced them with empty memory
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if left:
@@ -372,6 +292,43 @@ def fill(
             fix="re-save the model with modelkeep.save",
         )
     model.eval()
+
+
+def _map_into(model: torch.nn.Module, header: format.Header, entries: Mapping[str, format.TensorEntry]) -> bool:
+    """Replace every state-dict tensor by a view of a private mapping of the file. False (and
+    nothing changed) when some name is not a plain parameter/buffer or some entry is not
+    aligned for its dtype; the caller then copies."""
+    slots: dict[str, tuple[dict[str, Any], str, torch.Tensor]] = {}
+    for kind, named in (("_parameters", model.named_parameters), ("_buffers", model.named_buffers)):
+        for name, tensor in named(remove_duplicate=False):
+            owner, attr = owner_of(model, name)
+            slots[name] = (getattr(owner, kind), attr, tensor)
+    state = model.state_dict(keep_vars=True)
+    if any(name not in slots for name in state):
+        return False
+    for name, tensor in state.items():
+        entry = entries[name]
+        if entry.torch_dtype != tensor.dtype or entry.begin % entry.torch_dtype.itemsize:
+            return False
+    storage = torch.UntypedStorage.from_file(header.path, shared=False, nbytes=header.file_size)
+    views: dict[int, torch.Tensor] = {}
+    for name, tensor in state.items():
+        if id(tensor) not in views:
+            entry = entries[name]
+            view = torch.empty(0, dtype=entry.torch_dtype)
+            if entry.nbytes:
+                view.set_(storage, entry.begin // entry.torch_dtype.itemsize, entry.shape)
+            else:
+                view = torch.empty(entry.shape, dtype=entry.torch_dtype)
+            if isinstance(tensor, torch.nn.Parameter):
+                view = torch.nn.Parameter(view, requires_grad=tensor.requires_grad)
+            views[id(tensor)] = view
+        table, attr, _ = slots[name]
+        table[attr] = views[id(tensor)]
+    for name, (table, attr, tensor) in slots.items():  # tied names outside the state dict
+        if id(tensor) in views:
+            table[attr] = views[id(tensor)]
+    return True
 
 
 def _tie(model: torch.nn.Module, aliases: Mapping[str, str]) -> None:

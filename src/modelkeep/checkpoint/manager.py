@@ -146,9 +146,18 @@ class Checkpointer:
         metric = metric or self.metric
         if metric is None:
             raise ValueError("best() needs a metric: Checkpointer(..., metric='val_loss') or best('val_loss')")
-        ranked = keep.KeepBest(1, metric, mode or self.mode).ranked(
-            [self.info(step) for step in self.steps()])
+        ranked = keep.KeepBest(1, metric, mode or self.mode).ranked(self._infos_of_steps())
         return ranked[0].step if ranked else None
+
+    def _infos_of_steps(self) -> list[keep.CheckpointInfo]:
+        """Infos of the committed steps; an unreadable file is listed without metrics."""
+        infos = []
+        for step in self.steps():
+            try:
+                infos.append(self.info(step))
+            except errors.ModelkeepError:
+                infos.append(keep.CheckpointInfo(step, self.path(step)))
+        return infos
 
     def _resolve(self, step: StepArg) -> int:
         if step == "latest":
@@ -188,10 +197,11 @@ class Checkpointer:
     ) -> str:
         """Save the training state of ``step``; return the path it commits to.
 
-        With ``async_save`` this returns once the state is copied off the training tensors and
-        the file is written in the background; any failure surfaces on the next ``save`` or
-        ``wait``. ``extra`` is any nested user state (numbers, strings, lists, dicts, tensors,
-        numpy arrays); ``metrics`` are numbers that ``keep_best`` and ``best()`` rank by.
+        With ``async_save`` this returns as soon as training may go on (see ``snapshot`` in the
+        class docstring) and the file is written in the background; any failure surfaces on the
+        next ``save`` or ``wait``. ``extra`` is any nested user state (numbers, strings, lists,
+        dicts, tensors, numpy arrays); ``metrics`` are numbers that ``keep_best`` and ``best()``
+        rank by. ``rng=False`` leaves the global RNG states out.
         """
         state = capture.capture(
             self._check_step(step, overwrite), model=model, optimizer=optimizer,
@@ -252,13 +262,7 @@ class Checkpointer:
         return path
 
     def _apply_retention(self, committed: int) -> None:
-        infos = []
-        for step in self.steps():
-            try:
-                infos.append(self.info(step))
-            except errors.ModelkeepError:  # unreadable: retention sees it without metrics
-                infos.append(keep.CheckpointInfo(step, self.path(step)))
-        for info in keep.to_delete(self.policy, infos):
+        for info in keep.to_delete(self.policy, self._infos_of_steps()):
             if info.step >= committed or info.step in self._pending:
                 continue
             try:

@@ -600,6 +600,8 @@ def _torch() -> dict[tuple[str, str], Any]:
         table[("torch.cuda", name)] = tensors.TensorType(name, dtype)
     for name, value in torch_values().items():
         table[("torch", name)] = value
+        if isinstance(value, torch.memory_format):  # pickled by qualified name from torch._utils
+            table[("torch._utils", f"torch.{name}")] = value
     jit = "torch.jit._pickle"
     for name in ("build_intlist", "build_tensorlist", "build_doublelist", "build_boollist"):
         table[(jit, name)] = Builder(f"{jit}.{name}", identity_list)

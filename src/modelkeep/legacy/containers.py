@@ -213,9 +213,13 @@ class TarStorages(StorageProvider):
     def __init__(self) -> None:
         self.objects: dict[int, Any] = {}  # key -> StorageRef or TensorRef
         self.resolve: Any = None  # set by the reader: turns a ref into the value to return
+        self._values: dict[int, Any] = {}
 
     def tensor(self, key: str, pos: int) -> Any:
-        found = self.objects.get(int(key))
-        if found is None:
-            raise ValueError(f"persistent id {key} names no stored tensor or storage")
-        return self.resolve(found)
+        number = int(key)
+        if number not in self._values:  # one object per key, as torch.load gives
+            found = self.objects.get(number)
+            if found is None:
+                raise ValueError(f"persistent id {key} names no stored tensor or storage")
+            self._values[number] = self.resolve(found)
+        return self._values[number]

@@ -52,6 +52,7 @@ class StorageProvider:
         raise ValueError("this pickle may not refer to tensors by key")
 
 
+_PID_MODULE = re.compile(r"\('module', <class '([\w.]+)'>, ")
 _PID_TEXT = re.compile(
     r"\('storage', <class '([\w.]+)'>, '(\w+)', '([\w:]+)', (\d+)(?:, (None|\('(\w+)', (\d+), (\d+)\)))?\)"
 )
@@ -337,6 +338,10 @@ class Policy:
         """Protocol 0 writes a persistent id as its repr; only storage ids are understood."""
         if text.isdigit():
             return self.persistent(text, pos)
+        module_match = _PID_MODULE.match(text)
+        if module_match is not None:  # ('module', <class '...'>, source file, source): the class
+            module, _, name = module_match.group(1).rpartition(".")
+            return self.find_global(module, name, pos)
         match = _PID_TEXT.fullmatch(text)
         if match is None:
             raise self.fail("unrecognised text persistent id", pos)

@@ -128,3 +128,8 @@ def restore(obj: Any, state: Any, *, describe: str) -> None:
     obj.__dict__.update(state)
     if isinstance(obj, torch.nn.Module):
         torch.nn.Module.__setstate__(obj, {})  # bounded: fills hook dicts older pickles lack
+    if isinstance(obj, torch.nn.RNNBase):  # its weakrefs to the weights are not pickled
+        names = obj.__dict__.get("_flat_weights_names")
+        if type(names) is not list or len(names) > 100_000 or not all(type(n) is str for n in names):
+            raise ValueError(f"{describe}: recurrent layers saved before torch 1.8 are not supported")
+        obj._init_flat_weights()

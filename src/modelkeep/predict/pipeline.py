@@ -132,15 +132,11 @@ def _batches(
 
 
 def _cast(batch: torch.Tensor, spec: spec_module.InferenceSpec | None, model_dtype: torch.dtype | None) -> torch.Tensor:
-    if batch.is_floating_point() or (spec is not None and spec.torch_dtype.is_floating_point):
-        if model_dtype is not None:
-            return batch.to(model_dtype)
-        if spec is not None:
-            return batch.to(spec.torch_dtype)
-        return batch if batch.is_floating_point() else batch.to(torch.float32)
-    if spec is not None and batch.dtype != spec.torch_dtype:
-        return batch.to(spec.torch_dtype)
-    return batch
+    """Float inputs take the model's precision; a spec asking for integers (token ids) gets them."""
+    wants_float = spec.torch_dtype.is_floating_point if spec is not None else batch.is_floating_point()
+    if not wants_float:
+        return batch.to(spec.torch_dtype) if spec is not None else batch
+    return batch.to(model_dtype or (spec.torch_dtype if spec is not None else torch.float32))
 
 
 def _shown(sources: list[str]) -> str:
