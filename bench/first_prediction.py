@@ -9,7 +9,8 @@ which the parent shares, so interpreter teardown is not counted). Scenarios, run
 rotating order so that drift on a shared machine hits each one alike:
 
 * ``modelkeep.load``: ``modelkeep.load("vgg16.mk")`` (factory record, meta-device build, bytes
-  straight into the parameters);
+  read straight into the parameters);
+* ``modelkeep.load(mmap=True)``: the same, the parameters copy-on-write views of the file;
 * ``torch.load pickle``: ``torch.load("vgg16.pt", weights_only=False)`` of ``torch.save(model)``;
 * ``torch.export.load``: the ``.pt2`` of ``torch.export.save``, then ``.module()``;
 * ``random init + load_state_dict``: ``vgg16()`` then ``load_state_dict(torch.load(...))``;
@@ -54,6 +55,12 @@ SCENARIOS: dict[str, str] = {
         import torch, modelkeep
         mark('imported')
         model = modelkeep.load(FILES['mk'])
+        mark('loaded')
+    """,
+    "modelkeep.load(mmap=True)": """
+        import torch, modelkeep
+        mark('imported')
+        model = modelkeep.load(FILES['mk'], mmap=True)
         mark('loaded')
     """,
     "torch.load pickle (weights_only=False)": """

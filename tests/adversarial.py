@@ -21,7 +21,6 @@ import shlex
 import struct
 import tarfile
 import zipfile
-import zlib
 from typing import Callable
 
 MAGIC_NUMBER = 0x1950A86A20F9469CFC6C
@@ -279,7 +278,7 @@ def _gadgets(c: _Corpus) -> None:
 
 
 def _torch_gadgets(c: _Corpus) -> None:
-    cmd, marker = c.cmd, c.marker
+    cmd = c.cmd
     other = os.path.join(c.folder, "os_system.zip.pt")
     c.gadget("torch_load", "gadget:torch-internal", call(g("torch", "load"), s(other)),
              "torch.load of another malicious file (weights_only defaults to True in torch >= 2.6)",

@@ -123,6 +123,7 @@ def test_keys_that_look_like_tags_are_plain_keys() -> None:
         ({"a": [1, {"b": lambda: 0}]}, "a/1/b"),
         ({"t": torch.zeros(2, dtype=torch.complex128)}, "t"),
         ({"s": "\ud800"}, "s"),
+        ({"k": {"\udc80": 1}}, "k/\udc80"),
         ({"arr": np.array(["a"], dtype=object)}, "arr"),
         ({"m": torch.empty(2, device="meta")}, "m"),
     ],

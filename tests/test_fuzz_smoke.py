@@ -1,6 +1,7 @@
 """A short run of each fuzzing harness, so CI notices when a harness breaks or finds a crash at once.
 
-The long runs are on demand: ``python -m fuzz.header -max_total_time=600 CORPUS``.
+The long runs are on demand: ``python -m fuzz.header -max_total_time=600 CORPUS`` (and
+``fuzz.pickle_reader``).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import pytest
 pytest.importorskip("atheris")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-HARNESSES = ["fuzz.header"]
+HARNESSES = ["fuzz.header", "fuzz.pickle_reader"]
 
 
 @pytest.mark.parametrize("harness", HARNESSES)

@@ -180,6 +180,7 @@ def modelkeep_metadata(kind: str, aliases: Mapping[str, str]) -> dict[str, str]:
     return metadata
 
 
+@engine.gc_paused()  # see load_weights
 def save_weights(
     model_or_state_dict: torch.nn.Module | Mapping[str, torch.Tensor],
     path: str | os.PathLike[str],
@@ -321,7 +322,7 @@ def _materialize(
             continue
         new = replaced.get(id(tensor))
         if new is None:
-            data = torch.empty_strided(tensor.size(), tensor.stride(), dtype=tensor.dtype, device=device)
+            data = engine.allocate(tensor.shape, tensor.dtype, stride=tensor.stride(), device=device)
             if isinstance(tensor, torch.nn.Parameter):
                 new = torch.nn.Parameter(data, requires_grad=tensor.requires_grad)
             else:

@@ -123,7 +123,9 @@ def _unwrap(model: Any) -> torch.nn.Module:
     for _ in range(4):
         if isinstance(model, (torch.nn.DataParallel, torch.nn.parallel.DistributedDataParallel)):
             model = model.module
-        elif type(model).__name__ == "OptimizedModule" and isinstance(getattr(model, "_orig_mod", None), torch.nn.Module):
+        elif type(model).__name__ == "OptimizedModule" and isinstance(
+            getattr(model, "_orig_mod", None), torch.nn.Module
+        ):
             model = model._orig_mod
     if not isinstance(model, torch.nn.Module):
         raise errors.ArchitectureError(
@@ -138,7 +140,11 @@ def _factory_recipe(model: torch.nn.Module, factory: Any) -> dict[str, Any] | No
         return getattr(model, RECIPE_ATTR, None)
     if isinstance(factory, str):
         return {"factory": factories.canonical_name(factory), "kwargs": {}}
-    if isinstance(factory, Mapping) and isinstance(factory.get("factory"), str) and set(factory) <= {"factory", "kwargs"}:
+    if (
+        isinstance(factory, Mapping)
+        and isinstance(factory.get("factory"), str)
+        and set(factory) <= {"factory", "kwargs"}
+    ):
         raw = dict(factory.get("kwargs") or {})
         if "weights" in raw:
             raw["weights"] = factories.weights_name(raw["weights"])
@@ -209,7 +215,10 @@ def _plan(
         )
     _check_storable(model)
     recipe = _factory_recipe(model, factory) if strategy in (None, "factory") else None
-    if strategy == "graph" or (strategy is None and recipe is None and example_inputs is not None and modules.unsupported(model)):
+    automatic_graph = (
+        strategy is None and recipe is None and example_inputs is not None and modules.unsupported(model)
+    )
+    if strategy == "graph" or automatic_graph:
         if example_inputs is None:
             raise errors.ArchitectureError(
                 "the graph strategy needs example_inputs", item="example_inputs",
@@ -221,7 +230,9 @@ def _plan(
     if strategy == "factory" or recipe is not None:
         if recipe is None:
             raise errors.ArchitectureError(
-                "strategy='factory' needs factory=... or a model built by modelkeep.create", item="factory", fix=_OPTIONS
+                "strategy='factory' needs factory=... or a model built by modelkeep.create",
+                item="factory",
+                fix=_OPTIONS,
             )
         record = _factory_record(model, recipe)
     else:
@@ -313,9 +324,12 @@ def load(
     factory that is neither registered, torchvision/timm, nor under a module named in ``trust`` is
     refused before any import. torch.save files of whole modules go through the legacy reader.
 
-    ``mmap=True`` (CPU) maps the file copy-on-write instead of reading it: the fastest first
-    prediction, but the file must not be changed in place while the model lives (modelkeep's own
-    saves replace files atomically, which is safe).
+    By default the bytes are copied into memory the engine allocates with huge pages (see
+    ``engine.allocate``), which keeps outputs bit-identical to the saved model's. ``mmap=True``
+    (CPU) maps the file copy-on-write instead: a little faster to the first prediction, but
+    tensors then sit at the file's offsets, whose alignment can change the last bits of some
+    kernels' results, and the file must not be truncated in place while the model lives
+    (modelkeep's own saves replace files atomically, which is safe).
     """
     path = os.fspath(path)
     trust = factories.check_trust_names(trust)
@@ -331,7 +345,10 @@ def load(
     record = header.modelkeep_value(format.KEY_ARCHITECTURE)
     if record is None:
         raise errors.FormatError(
-            "has no architecture record", path=path, item=format.KEY_ARCHITECTURE, fix="re-save it with modelkeep.save"
+            "has no architecture record",
+            path=path,
+            item=format.KEY_ARCHITECTURE,
+            fix="re-save it with modelkeep.save",
         )
     model, extras = rebuild.build_model(record, header, trust=trust)
     rebuild.fill(model, header, extras, device=device, mmap=mmap)
@@ -347,7 +364,10 @@ def _inference_of(header: format.Header) -> dict[str, Any] | None:
     spec = header.modelkeep_value(format.KEY_INFERENCE)
     if spec is not None and not isinstance(spec, dict):
         raise errors.FormatError(
-            "inference spec is not a JSON object", path=header.path, item=format.KEY_INFERENCE, fix="re-save the model"
+            "inference spec is not a JSON object",
+            path=header.path,
+            item=format.KEY_INFERENCE,
+            fix="re-save the model",
         )
     return spec
 

@@ -31,24 +31,14 @@ def sniff(path: str | os.PathLike[str]) -> str:
         return "folder"
     if path.endswith(".index.json"):
         return "index"
-    try:
-        with open(path, "rb") as stream:
-            head = stream.read(9)
-            size = os.fstat(stream.fileno()).st_size
-    except FileNotFoundError as e:
-        raise errors.StorageError("no such file", path=path, fix="check the path") from e
-    except OSError as e:
-        raise errors.StorageError(f"cannot read: {e.strerror or e}", path=path, fix="check the file") from e
-    if len(head) == 9 and head[8:9] == b"{" and 8 + int.from_bytes(head[:8], "little") <= size:
-        return "safetensors"
-    kind = legacy.sniff(path)
-    if kind is None:
-        raise errors.FormatError(
-            "is neither a safetensors/modelkeep file nor a torch.save file",
-            path=path,
-            fix="check that the file is a model file and was fully downloaded",
-        )
-    return kind
+    kind = legacy.sniff(path)  # raises StorageError for missing or unreadable files
+    if kind in ("zip", "tar"):
+        return kind
+    with open(path, "rb") as stream:
+        head = stream.read(9)
+    if kind == "pickle" and head[8:9] != b"{":  # a safetensors length can start like a pickle
+        return kind
+    return "safetensors"  # the safetensors reader says precisely what is wrong with anything else
 
 
 # ---------------------------------------------------------------------------------------------

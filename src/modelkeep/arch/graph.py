@@ -112,11 +112,15 @@ def _dynamic_dims(program: Any) -> list[list[int]]:
     for name in names:
         value = nodes[name].meta.get("val")
         shape = getattr(value, "shape", ())
-        found.append([i for i, d in enumerate(shape) if isinstance(d, torch.SymInt) and d.node.maybe_as_int() is None])
+        found.append(
+            [i for i, d in enumerate(shape) if isinstance(d, torch.SymInt) and d.node.maybe_as_int() is None]
+        )
     return found
 
 
-def tensors_to_store(record: dict[str, Any], program: Any, inputs: Sequence[torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[tuple[str, torch.Tensor]]]:
+def tensors_to_store(
+    record: dict[str, Any], program: Any, inputs: Sequence[torch.Tensor]
+) -> tuple[dict[str, torch.Tensor], list[tuple[str, torch.Tensor]]]:
     """``(state dict, extras)``: the lifted parameters/buffers, then inputs and constants under
     their ``modelkeep.`` names."""
     state = {name: t.detach() for name, t in program.state_dict.items()}
@@ -156,10 +160,14 @@ def build(
     state: dict[str, torch.Tensor] = {}
     for name in parameters + buffers:
         if name not in shapes:
-            raise errors.KeyMismatchError("the graph reads a tensor the file does not hold", path=path, item=name, fix="re-save the model")
+            raise errors.KeyMismatchError(
+                "the graph reads a tensor the file does not hold", path=path, item=name, fix="re-save the model"
+            )
         shape, dtype = shapes[name]
         tensor = torch.empty(shape, dtype=dtype, device="meta")
-        state[name] = torch.nn.Parameter(tensor, requires_grad=dtype.is_floating_point) if name in parameters else tensor
+        if name in parameters:
+            tensor = torch.nn.Parameter(tensor, requires_grad=dtype.is_floating_point)
+        state[name] = tensor
     real = read([constants_map[n] for n in constants] + input_names)
     constant_values = {n: real[constants_map[n]] for n in constants}
     example = tuple(real[n] for n in input_names)

@@ -51,7 +51,12 @@ _SYMPY_NAMES = {
     "integer", "real", "finite", "infinite", "zero", "nonzero", "even", "odd", "rational",
     "commutative", "extended_real", "precision",
 }
-_SYMPY_TOKEN = re.compile(r"\s*(?:(?P<name>[A-Za-z_][A-Za-z0-9_]*)|(?P<number>\d{1,20}(?:\.\d{1,20})?(?:[eE][-+]?\d{1,3})?)|(?P<quoted>'[^']{0,40}')|(?P<op>==|!=|<=|>=|//|[-+*/%(),=<>]))")
+_SYMPY_TOKEN = re.compile(
+    r"\s*(?:(?P<name>[A-Za-z_][A-Za-z0-9_]*)"
+    r"|(?P<number>\d{1,20}(?:\.\d{1,20})?(?:[eE][-+]?\d{1,3})?)"
+    r"|(?P<quoted>'[^']{0,40}')"
+    r"|(?P<op>==|!=|<=|>=|//|[-+*/%(),=<>]))"
+)
 _SYMBOL = re.compile(r"[a-z]+[0-9]+")
 _QUOTED_NUMBER = re.compile(r"-?\d{1,20}(?:\.\d{0,20})?(?:[eE][-+]?\d{1,3})?")
 MAX_EXPRESSION = 10_000
@@ -86,7 +91,8 @@ def check_expression(text: Any, *, path: str | None) -> str:
         if match is None or match.end() == position:
             if text[position:].strip() == "":
                 break
-            raise _bad(path, f"symbolic expression has a disallowed character near {text[position:position + 20]!r}", "expr_str")
+            near = text[position : position + 20]
+            raise _bad(path, f"symbolic expression has a disallowed character near {near!r}", "expr_str")
         name, quoted = match.group("name"), match.group("quoted")
         if name is not None and name not in _SYMPY_NAMES and not _SYMBOL.fullmatch(name):
             raise _bad(path, f"symbolic expression names {name!r}", "expr_str")
@@ -173,7 +179,9 @@ def check_program(program: Any, *, path: str | None) -> dict[str, Any]:
                         raise _bad(path, "string value is too long", k)
                     out[k] = v
                 elif k == "as_strings":
-                    if not isinstance(v, list) or not all(isinstance(s, str) and len(s) <= MAX_FREE_STRING for s in v):
+                    if not isinstance(v, list) or not all(
+                        isinstance(s, str) and len(s) <= MAX_FREE_STRING for s in v
+                    ):
                         raise _bad(path, "string list is malformed", k)
                     out[k] = v
                 else:

@@ -22,7 +22,8 @@ MAX_SHOWN = 12
 
 
 def shapes_of(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
-    return {name: tuple(t.shape) for name, t in model.state_dict(keep_vars=True).items() if isinstance(t, torch.Tensor)}
+    state = model.state_dict(keep_vars=True)
+    return {name: tuple(t.shape) for name, t in state.items() if isinstance(t, torch.Tensor)}
 
 
 def check_shapes(

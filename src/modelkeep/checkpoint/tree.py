@@ -69,7 +69,7 @@ class _Encoder:
         return name
 
     def tensor(self, value: torch.Tensor, path: str) -> str:
-        if value.is_meta or value.layout != torch.strided or value.is_quantized:
+        if value.is_meta or value.layout != torch.strided or value.is_quantized or value.is_nested:
             raise _unsupported(path, f"cannot store a {'meta' if value.is_meta else value.layout} tensor")
         format.name_from_dtype(value.dtype, item=path)
         key = None
@@ -122,6 +122,9 @@ class _Encoder:
             return f"{path}/{key}" if path else str(key)
 
         if isinstance(value, Mapping):
+            for key in value:
+                if isinstance(key, str):
+                    _check_text(key, child(key))
             if all(isinstance(k, str) and not k.startswith("$") for k in value):
                 return {k: self.encode(v, child(k), depth + 1) for k, v in value.items()}
             return {"$dict": [

@@ -11,7 +11,7 @@ from modelkeep.legacy.loader import sniff
 from modelkeep.legacy.reader import LegacyWeights, open_weights, read, read_module, read_state_dict
 from modelkeep.legacy.records import Placeholder, Record
 from modelkeep.legacy.trusted import DEFAULT_TRUST
-from modelkeep.legacy.vm import DEFAULT_LIMITS, Limits
+from modelkeep.legacy.limits import DEFAULT_LIMITS, Limits
 
 __all__ = [
     "DEFAULT_LIMITS",

@@ -1,8 +1,8 @@
 """The only things a pickle may call: builders modelkeep writes, one per allowed global.
 
 Each builder receives already-built values, checks them, and makes plain data (containers,
-numbers, dates, paths), tensors and storages, numpy data, or records. None of them calls anything
-the file provides. A builder that gets values of the wrong kind raises ValueError/TypeError, which
+numbers, dates, paths), numpy data or records (torch's own globals are in ``tensor_builders``).
+None of them calls anything the file provides. A builder that gets values of the wrong kind raises ValueError/TypeError, which
 the policy turns into a FormatError naming the global and the pickle byte.
 """
 
@@ -17,9 +17,7 @@ import functools
 import pathlib
 from typing import Any, Callable
 
-import torch
-
-from modelkeep.legacy import numpy_data, tensors
+from modelkeep.legacy import numpy_data
 
 Fn = Callable[[Any, tuple, dict, int], Any]
 
@@ -43,7 +41,7 @@ class Builder:
 # argument helpers
 
 
-def _arity(args: tuple, kwargs: dict, low: int, high: int | None = None) -> None:
+def arity(args: tuple, kwargs: dict, low: int, high: int | None = None) -> None:
     if kwargs:
         raise TypeError("keyword arguments are not accepted")
     high = low if high is None else high
@@ -51,7 +49,7 @@ def _arity(args: tuple, kwargs: dict, low: int, high: int | None = None) -> None
         raise TypeError(f"takes {low}..{high} arguments, got {len(args)}")
 
 
-def _is_int(value: Any) -> bool:
+def is_int(value: Any) -> bool:
     return type(value) is int
 
 
@@ -87,7 +85,7 @@ def _items(source: Any) -> list[Any]:
 
 
 def ordered_dict(p: Any, args: tuple, kwargs: dict, pos: int) -> Any:
-    _arity(args, kwargs, 0, 1)
+    arity(args, kwargs, 0, 1)
     result: collections.OrderedDict = collections.OrderedDict()
     if args:
         _fill(p, result, args[0])
@@ -95,7 +93,7 @@ def ordered_dict(p: Any, args: tuple, kwargs: dict, pos: int) -> Any:
 
 
 def default_dict(p: Any, args: tuple, kwargs: dict, pos: int) -> Any:
-    _arity(args, kwargs, 0, 2)
+    arity(args, kwargs, 0, 2)
     factory = args[0] if args else None
     if factory is not None:
         if not isinstance(factory, Builder) or factory.value not in _FACTORIES:
@@ -108,7 +106,7 @@ def default_dict(p: Any, args: tuple, kwargs: dict, pos: int) -> Any:
 
 
 def counter(p: Any, args: tuple, kwargs: dict, pos: int) -> Any:
-    _arity(args, kwargs, 0, 1)
+    arity(args, kwargs, 0, 1)
     result: collections.Counter = collections.Counter()
     if args:
         _fill(p, result, args[0])
@@ -116,9 +114,9 @@ def counter(p: Any, args: tuple, kwargs: dict, pos: int) -> Any:
 
 
 def deque(p: Any, args: tuple, kwargs: dict, pos: int) -> Any:
-    _arity(args, kwargs, 0, 2)
+    arity(args, kwargs, 0, 2)
     maxlen = args[1] if len(args) > 1 else None
-    if maxlen is not None and (not _is_int(maxlen) or maxlen < 0):
+    if maxlen is not None and (not is_int(maxlen) or maxlen < 0):
         raise TypeError("deque maxlen must be a non-negative integer")
     result = collections.deque(_items(args[0]) if args else (), maxlen)
     p.register(result, "deque")
@@ -127,7 +125,7 @@ def deque(p: Any, args: tuple, kwargs: dict, pos: int) -> Any:
 
 def make_set(kind: type) -> Fn:
     def build(p: Any, args: tuple, kwargs: dict, pos: int) -> Any:
-        _arity(args, kwargs, 0, 1)
+        arity(args, kwargs, 0, 1)
         holder: set[Any] = set()
         for value in _items(args[0]) if args else []:
             p.check_key(holder, value)
@@ -139,14 +137,14 @@ def make_set(kind: type) -> Fn:
 
 def make_sequence(kind: type) -> Fn:
     def build(p: Any, args: tuple, kwargs: dict, pos: int) -> Any:
-        _arity(args, kwargs, 0, 1)
+        arity(args, kwargs, 0, 1)
         return kind(_items(args[0]) if args else ())
 
     return build
 
 
 def make_dict(p: Any, args: tuple, kwargs: dict, pos: int) -> Any:
-    _arity(args, kwargs, 0, 1)
+    arity(args, kwargs, 0, 1)
     result: dict[Any, Any] = {}
     if args:
         _fill(p, result, args[0])
@@ -154,7 +152,7 @@ def make_dict(p: Any, args: tuple, kwargs: dict, pos: int) -> Any:
 
 
 def make_complex(p: Any, args: tuple, kwargs: dict, pos: int) -> Any:
-    _arity(args, kwargs, 0, 2)
+    arity(args, kwargs, 0, 2)
     if not all(type(v) in (int, float, bool) for v in args):
         raise TypeError("complex takes real numbers")
     return complex(*args)
@@ -162,7 +160,7 @@ def make_complex(p: Any, args: tuple, kwargs: dict, pos: int) -> Any:
 
 def make_number(kind: type) -> Fn:
     def build(p: Any, args: tuple, kwargs: dict, pos: int) -> Any:
-        _arity(args, kwargs, 0, 1)
+        arity(args, kwargs, 0, 1)
         if args and not (type(args[0]) in (int, float, bool) or (type(args[0]) is str and len(args[0]) <= 400)):
             raise TypeError(f"{kind.__name__} takes a number or a short string")
         return kind(*args)
@@ -171,7 +169,7 @@ def make_number(kind: type) -> Fn:
 
 
 def make_str(p: Any, args: tuple, kwargs: dict, pos: int) -> Any:
-    _arity(args, kwargs, 0, 1)
+    arity(args, kwargs, 0, 1)
     if args and type(args[0]) not in (str, int, float, bool):
         raise TypeError("str takes a string or a number")
     return str(*args)
@@ -182,7 +180,7 @@ _ENCODINGS = ("latin1", "latin-1", "utf-8", "utf8", "ascii")
 
 def make_bytes(kind: type) -> Fn:
     def build(p: Any, args: tuple, kwargs: dict, pos: int) -> Any:
-        _arity(args, kwargs, 0, 2)
+        arity(args, kwargs, 0, 2)
         if not args:
             return kind()
         source = args[0]
@@ -192,7 +190,7 @@ def make_bytes(kind: type) -> Fn:
             return kind(source.encode(args[1]))
         if isinstance(source, (bytes, bytearray)):
             return kind(source)
-        if type(source) is list and all(_is_int(v) and 0 <= v < 256 for v in source):
+        if type(source) is list and all(is_int(v) and 0 <= v < 256 for v in source):
             return kind(source)
         raise TypeError("bytes take bytes, a list of byte values, or text and an encoding")
 
@@ -200,7 +198,7 @@ def make_bytes(kind: type) -> Fn:
 
 
 def codecs_encode(p: Any, args: tuple, kwargs: dict, pos: int) -> Any:
-    _arity(args, kwargs, 1, 2)
+    arity(args, kwargs, 1, 2)
     encoding = args[1] if len(args) > 1 else "utf-8"
     if type(args[0]) is not str or encoding not in _ENCODINGS:
         raise TypeError("_codecs.encode takes a str and a standard encoding")
@@ -209,8 +207,8 @@ def codecs_encode(p: Any, args: tuple, kwargs: dict, pos: int) -> Any:
 
 def make_slice_or_range(kind: type) -> Fn:
     def build(p: Any, args: tuple, kwargs: dict, pos: int) -> Any:
-        _arity(args, kwargs, 1, 3)
-        if not all(v is None or _is_int(v) for v in args) or (kind is range and None in args):
+        arity(args, kwargs, 1, 3)
+        if not all(v is None or is_int(v) for v in args) or (kind is range and None in args):
             raise TypeError(f"{kind.__name__} takes integers")
         return kind(*args)
 
@@ -231,7 +229,7 @@ def record(type_name: str) -> Fn:
 
 def dates(kind: type) -> Fn:
     def build(p: Any, args: tuple, kwargs: dict, pos: int) -> Any:
-        _arity(args, kwargs, 0, 8)
+        arity(args, kwargs, 0, 8)
         for value in args:
             if not (_primitive(value) or isinstance(value, (datetime.tzinfo, datetime.timedelta))):
                 raise TypeError(f"{kind.__name__} takes numbers, bytes and time zones")
@@ -246,7 +244,7 @@ def dates(kind: type) -> Fn:
 
 def make_decimal_or_fraction(kind: type) -> Fn:
     def build(p: Any, args: tuple, kwargs: dict, pos: int) -> Any:
-        _arity(args, kwargs, 0, 2)
+        arity(args, kwargs, 0, 2)
         if not all(type(v) in (int, str) and (type(v) is int or len(v) <= 1000) for v in args):
             raise TypeError(f"{kind.__name__} takes integers or a short string")
         if kind is decimal.Decimal and len(args) > 1:
@@ -267,7 +265,7 @@ def make_path(kind: type) -> Fn:
 
 def reconstructor(p: Any, args: tuple, kwargs: dict, pos: int) -> Any:
     """``copyreg._reconstructor(cls, object, None)``: protocol 0/1's way of saying ``cls.__new__``."""
-    _arity(args, kwargs, 3)
+    arity(args, kwargs, 3)
     cls, base, state = args
     if not (isinstance(base, Builder) and base.value is object) or state is not None:
         raise TypeError("only object-based classes can be rebuilt")
@@ -281,178 +279,19 @@ def newobj(p: Any, args: tuple, kwargs: dict, pos: int) -> Any:
 
 
 def newobj_ex(p: Any, args: tuple, kwargs: dict, pos: int) -> Any:
-    _arity(args, kwargs, 3)
+    arity(args, kwargs, 3)
     if type(args[1]) is not tuple or type(args[2]) is not dict:
         raise TypeError("__newobj_ex__ takes a class, a tuple and a dict")
     return p.new(args[0], args[1], args[2], pos)
 
 
 def partial(p: Any, args: tuple, kwargs: dict, pos: int) -> Any:
-    _arity(args, kwargs, 1, 16)
+    arity(args, kwargs, 1, 16)
     if len(args) == 1 and p.trusted_callable(args[0]):
         result = functools.partial(args[0])
         p.register(result, "partial")
         return result
     return p.placeholder_object("functools", "partial", args, pos)
-
-
-def identity_list(p: Any, args: tuple, kwargs: dict, pos: int) -> Any:
-    _arity(args, kwargs, 1)
-    if type(args[0]) is not list:
-        raise TypeError("expected a list")
-    return args[0]
-
-
-def restore_type_tag(p: Any, args: tuple, kwargs: dict, pos: int) -> Any:
-    _arity(args, kwargs, 2)
-    return args[0]
-
-
-def tensor_from_id(p: Any, args: tuple, kwargs: dict, pos: int) -> Any:
-    _arity(args, kwargs, 1)
-    return args[0] if _is_int(args[0]) else None
-
-
-# ---------------------------------------------------------------------------------------------
-# torch values
-
-
-def torch_size(p: Any, args: tuple, kwargs: dict, pos: int) -> Any:
-    _arity(args, kwargs, 0, 1)
-    dims = args[0] if args else ()
-    if not isinstance(dims, (tuple, list)) or len(dims) > 1024 or not all(_is_int(d) for d in dims):
-        raise TypeError("torch.Size takes a tuple of integers")
-    return torch.Size(dims)
-
-
-def torch_device(p: Any, args: tuple, kwargs: dict, pos: int) -> Any:
-    _arity(args, kwargs, 1, 2)
-    kind = args[0]
-    if type(kind) is not str or len(kind) > 64 or (len(args) == 2 and not (args[1] is None or _is_int(args[1]))):
-        raise TypeError("torch.device takes a device name and an index")
-    try:
-        return torch.device(*args)
-    except RuntimeError as e:
-        raise ValueError(f"invalid device {kind[:64]!r}") from e
-
-
-def get_layout(p: Any, args: tuple, kwargs: dict, pos: int) -> Any:
-    _arity(args, kwargs, 1)
-    name = args[0]
-    value = torch_values().get(name.replace("torch.", "", 1)) if type(name) is str else None
-    if not isinstance(value, torch.layout):
-        raise ValueError("unknown layout")
-    return value
-
-
-# tensors: every rebuild goes through the policy, which validates against the storage
-
-
-def rebuild_tensor(p: Any, args: tuple, kwargs: dict, pos: int) -> Any:
-    _arity(args, kwargs, 4)
-    return p.make_tensor(args[0], args[1], args[2], args[3], None, False, None)
-
-
-def rebuild_tensor_v2(p: Any, args: tuple, kwargs: dict, pos: int) -> Any:
-    _arity(args, kwargs, 6, 7)
-    metadata = args[6] if len(args) > 6 else None
-    return p.make_tensor(args[0], args[1], args[2], args[3], None, args[4], metadata)
-
-
-def rebuild_tensor_v3(p: Any, args: tuple, kwargs: dict, pos: int) -> Any:
-    _arity(args, kwargs, 7, 8)
-    if not isinstance(args[6], torch.dtype):
-        raise TypeError("_rebuild_tensor_v3 needs a dtype")
-    metadata = args[7] if len(args) > 7 else None
-    return p.make_tensor(args[0], args[1], args[2], args[3], args[6], args[4], metadata)
-
-
-def rebuild_parameter(p: Any, args: tuple, kwargs: dict, pos: int) -> Any:
-    _arity(args, kwargs, 3)
-    return p.as_parameter(args[0], args[1], None)
-
-
-def rebuild_parameter_with_state(p: Any, args: tuple, kwargs: dict, pos: int) -> Any:
-    _arity(args, kwargs, 4)
-    return p.as_parameter(args[0], args[1], args[3])
-
-
-def rebuild_from_type_v2(p: Any, args: tuple, kwargs: dict, pos: int) -> Any:
-    _arity(args, kwargs, 4)
-    func, new_type, inner, state = args
-    if not (isinstance(func, Builder) and func.tensor and func.fn is not None) or type(inner) is not tuple:
-        raise TypeError("_rebuild_from_type_v2 must wrap a tensor rebuild")
-    if not isinstance(new_type, Builder) or new_type.value not in (torch.Tensor, torch.nn.Parameter):
-        raise TypeError("only torch.Tensor and torch.nn.Parameter types are rebuilt")
-    tensor = func.fn(p, inner, {}, pos)
-    if new_type.value is torch.nn.Parameter:
-        return p.as_parameter(tensor, True, state)
-    return p.with_attributes(tensor, state)
-
-
-def rebuild_meta(p: Any, args: tuple, kwargs: dict, pos: int) -> Any:
-    _arity(args, kwargs, 4)
-    dtype, size, stride, requires_grad = args
-    if not isinstance(dtype, torch.dtype) or type(requires_grad) is not bool:
-        raise TypeError("meta tensors need a dtype and a requires_grad flag")
-    for dims in (size, stride):
-        if not isinstance(dims, (tuple, list)) or len(dims) > p.limits.max_ndim:
-            raise TypeError("size and stride must be short tuples")
-        if not all(_is_int(d) and 0 <= d < tensors.MAX_ELEMENTS for d in dims):
-            raise TypeError("size and stride must be non-negative integers")
-    return torch.empty_strided(tuple(size), tuple(stride), dtype=dtype, device="meta", requires_grad=requires_grad)
-
-
-def rebuild_from_numpy(p: Any, args: tuple, kwargs: dict, pos: int) -> Any:
-    _arity(args, kwargs, 4)
-    data, dtype, _device, requires_grad = args
-    numpy = numpy_data.np()
-    if not isinstance(data, numpy.ndarray) or data.dtype.hasobject or not isinstance(dtype, torch.dtype):
-        raise TypeError("expected a numeric numpy array and a dtype")
-    tensor = torch.from_numpy(numpy.array(data, copy=True)).to(dtype=dtype)
-    if requires_grad is True:
-        tensor.requires_grad_(True)
-    return tensor
-
-
-def rebuild_from_cpu_tensor(p: Any, args: tuple, kwargs: dict, pos: int) -> Any:
-    _arity(args, kwargs, 4)
-    data, dtype, _device, requires_grad = args
-    if not isinstance(dtype, torch.dtype) or type(requires_grad) is not bool:
-        raise TypeError("expected a tensor, a dtype and a flag")
-
-    def build(tensor: torch.Tensor) -> torch.Tensor:
-        out = tensor.to(dtype=dtype)
-        return out.requires_grad_(True) if requires_grad else out
-
-    return p.derived_tensor(build, (data,))
-
-
-def rebuild_sparse(p: Any, args: tuple, kwargs: dict, pos: int) -> Any:
-    _arity(args, kwargs, 2)
-    layout, data = args
-    if layout is not torch.sparse_coo or type(data) is not tuple or len(data) not in (3, 4):
-        raise TypeError("only COO sparse tensors are rebuilt")
-    size = data[2]
-    coalesced = data[3] if len(data) == 4 else None
-    if not isinstance(size, (tuple, list)) or not all(_is_int(d) and d >= 0 for d in size):
-        raise TypeError("sparse size must be non-negative integers")
-    if coalesced not in (None, True, False):
-        raise TypeError("is_coalesced must be a flag")
-
-    def build(indices: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-        return torch.sparse_coo_tensor(
-            indices, values, tuple(size), check_invariants=True, is_coalesced=coalesced
-        )
-
-    return p.derived_tensor(build, (data[0], data[1]))
-
-
-def load_from_bytes(p: Any, args: tuple, kwargs: dict, pos: int) -> Any:
-    _arity(args, kwargs, 1)
-    if not isinstance(args[0], (bytes, bytearray)):
-        raise TypeError("_load_from_bytes takes bytes")
-    return p.nested_storage(bytes(args[0]), pos)
 
 
 # numpy
@@ -465,7 +304,7 @@ def np_dtype(p: Any, args: tuple, kwargs: dict, pos: int) -> Any:
 
 
 def np_reconstruct(p: Any, args: tuple, kwargs: dict, pos: int) -> Any:
-    _arity(args, kwargs, 3)
+    arity(args, kwargs, 3)
     subtype = numpy_data.np().ndarray if args[0] is NDARRAY else None
     array = numpy_data.empty_array(subtype, args[1], args[2])
     p.register(array, "np_array")
@@ -473,12 +312,12 @@ def np_reconstruct(p: Any, args: tuple, kwargs: dict, pos: int) -> Any:
 
 
 def np_scalar(p: Any, args: tuple, kwargs: dict, pos: int) -> Any:
-    _arity(args, kwargs, 1, 2)
+    arity(args, kwargs, 1, 2)
     return numpy_data.scalar(args[0], args[1] if len(args) > 1 else b"", is_ours=p.is_registered)
 
 
 def np_frombuffer(p: Any, args: tuple, kwargs: dict, pos: int) -> Any:
-    _arity(args, kwargs, 4)
+    arity(args, kwargs, 4)
     return numpy_data.from_buffer(*args, max_ndim=p.limits.max_ndim, is_ours=p.is_registered)
 
 
@@ -489,13 +328,9 @@ def np_frombuffer(p: Any, args: tuple, kwargs: dict, pos: int) -> Any:
 _FACTORIES = (None, list, dict, set, frozenset, int, float, str, tuple, bool, collections.OrderedDict)
 
 
-@functools.cache
-def torch_values() -> dict[str, Any]:
-    kinds = (torch.dtype, torch.layout, torch.memory_format, torch.qscheme)
-    return {name: value for name in dir(torch) if isinstance(value := getattr(torch, name, None), kinds)}
 
-
-def _stdlib() -> dict[tuple[str, str], Any]:
+def stdlib_table() -> dict[tuple[str, str], Any]:
+    """The standard-library globals a file may name: containers, numbers, dates, records."""
     b = "builtins"
     table: dict[tuple[str, str], Any] = {
         ("collections", "OrderedDict"): Builder("collections.OrderedDict", ordered_dict, collections.OrderedDict),
@@ -542,7 +377,8 @@ def _stdlib() -> dict[tuple[str, str], Any]:
     return table
 
 
-def _numpy() -> dict[tuple[str, str], Any]:
+def numpy_table() -> dict[tuple[str, str], Any]:
+    """numpy's pickling globals: arrays, dtypes, scalars."""
     table: dict[tuple[str, str], Any] = {}
     for core in ("numpy.core", "numpy._core"):
         table[(f"{core}.multiarray", "_reconstruct")] = Builder("numpy._reconstruct", np_reconstruct)
@@ -556,70 +392,3 @@ def _numpy() -> dict[tuple[str, str], Any]:
 NDARRAY = Builder("numpy.ndarray")  # only meaningful as _reconstruct's subtype argument
 
 
-def _torch() -> dict[tuple[str, str], Any]:
-    u = "torch._utils"
-    table: dict[tuple[str, str], Any] = {
-        (u, "_rebuild_tensor"): Builder("torch._utils._rebuild_tensor", rebuild_tensor, tensor=True),
-        (u, "_rebuild_tensor_v2"): Builder("torch._utils._rebuild_tensor_v2", rebuild_tensor_v2, tensor=True),
-        (u, "_rebuild_tensor_v3"): Builder("torch._utils._rebuild_tensor_v3", rebuild_tensor_v3, tensor=True),
-        (u, "_rebuild_parameter"): Builder("torch._utils._rebuild_parameter", rebuild_parameter, tensor=True),
-        (u, "_rebuild_parameter_with_state"): Builder(
-            "torch._utils._rebuild_parameter_with_state", rebuild_parameter_with_state, tensor=True
-        ),
-        (u, "_rebuild_meta_tensor_no_storage"): Builder(
-            "torch._utils._rebuild_meta_tensor_no_storage", rebuild_meta, tensor=True
-        ),
-        (u, "_rebuild_device_tensor_from_numpy"): Builder(
-            "torch._utils._rebuild_device_tensor_from_numpy", rebuild_from_numpy, tensor=True
-        ),
-        (u, "_rebuild_xla_tensor"): Builder("torch._utils._rebuild_xla_tensor", rebuild_from_numpy, tensor=True),
-        (u, "_rebuild_device_tensor_from_cpu_tensor"): Builder(
-            "torch._utils._rebuild_device_tensor_from_cpu_tensor", rebuild_from_cpu_tensor, tensor=True
-        ),
-        (u, "_rebuild_sparse_tensor"): Builder("torch._utils._rebuild_sparse_tensor", rebuild_sparse, tensor=True),
-        ("torch._tensor", "_rebuild_from_type_v2"): Builder(
-            "torch._tensor._rebuild_from_type_v2", rebuild_from_type_v2, tensor=True
-        ),
-        ("torch.storage", "_load_from_bytes"): Builder("torch.storage._load_from_bytes", load_from_bytes),
-        ("torch", "Size"): Builder("torch.Size", torch_size, torch.Size),
-        ("torch", "device"): Builder("torch.device", torch_device, torch.device),
-        ("torch", "Tensor"): Builder("torch.Tensor", None, torch.Tensor),
-        ("torch._tensor", "Tensor"): Builder("torch.Tensor", None, torch.Tensor),
-        ("torch.nn.parameter", "Parameter"): Builder("torch.nn.Parameter", None, torch.nn.Parameter),
-        ("torch.serialization", "_get_layout"): Builder("torch.serialization._get_layout", get_layout),
-    }
-    for name, dtype in tensors.STORAGE_DTYPES.items():
-        token = tensors.StorageType(name, dtype)
-        table[("torch", name)] = token
-        table[("torch.cuda", name)] = token
-    for module in ("torch", "torch.storage"):
-        for name in ("UntypedStorage", "_UntypedStorage"):
-            table[(module, name)] = tensors.StorageType("UntypedStorage", torch.uint8, untyped=True)
-    for name, dtype in tensors.TENSOR_TYPES.items():
-        table[("torch", name)] = tensors.TensorType(name, dtype)
-        table[("torch.cuda", name)] = tensors.TensorType(name, dtype)
-    for name, value in torch_values().items():
-        table[("torch", name)] = value
-        if isinstance(value, torch.memory_format):  # pickled by qualified name from torch._utils
-            table[("torch._utils", f"torch.{name}")] = value
-    jit = "torch.jit._pickle"
-    for name in ("build_intlist", "build_tensorlist", "build_doublelist", "build_boollist"):
-        table[(jit, name)] = Builder(f"{jit}.{name}", identity_list)
-    table[(jit, "restore_type_tag")] = Builder(f"{jit}.restore_type_tag", restore_type_tag)
-    table[(jit, "build_tensor_from_id")] = Builder(f"{jit}.build_tensor_from_id", tensor_from_id)
-    return table
-
-
-@functools.cache
-def table() -> dict[tuple[str, str], Any]:
-    """Every allowed global: ``(module, name) -> Builder or value``."""
-    return {**_stdlib(), **_numpy(), **_torch()}
-
-
-# Python 2 names that protocols 0-2 write (pickle's fix_imports) for the globals above.
-MODULE_ALIASES = {"__builtin__": "builtins", "copy_reg": "copyreg"}
-NAME_ALIASES = {
-    ("builtins", "unicode"): ("builtins", "str"),
-    ("builtins", "long"): ("builtins", "int"),
-    ("builtins", "xrange"): ("builtins", "range"),
-}

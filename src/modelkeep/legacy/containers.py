@@ -22,13 +22,24 @@ from typing import Any
 from modelkeep import errors
 from modelkeep.legacy import tensors
 from modelkeep.legacy.policy import StorageProvider
-from modelkeep.legacy.vm import Limits
+from modelkeep.legacy.limits import Limits
 from modelkeep.legacy.zipfmt import ZipArchive
 
 MAGIC_NUMBER = 0x1950A86A20F9469CFC6C
 PROTOCOL_VERSION = 1001
 MAX_RECORD = 1 << 16  # byteorder, version and similar small records
 MAX_SCRIPT_CODE = 64 << 20
+
+
+def is_magic(first: bytes) -> bool:
+    """Whether a stream's first pickle is torch's magic number (checked on the bytes: nothing of
+    an unknown file is interpreted to find out)."""
+    first = bytes(first)
+    body = first[2:] if first[:1] == b"\x80" else first
+    if body[:1] == b"\x95":
+        body = body[9:]
+    binary = b"\x8a\x0a" + MAGIC_NUMBER.to_bytes(10, "little") + b"."
+    return body in (binary, f"L{MAGIC_NUMBER}L\n.".encode(), f"I{MAGIC_NUMBER}\n.".encode())
 
 
 def _bad(path: str, what: str, item: str | None = None) -> errors.FormatError:

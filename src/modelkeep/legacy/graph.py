@@ -17,7 +17,7 @@ import torch
 from modelkeep import errors
 from modelkeep.legacy import tensors
 from modelkeep.legacy.records import Placeholder
-from modelkeep.legacy.vm import Limits
+from modelkeep.legacy.limits import Limits
 
 _LEAVES = (str, bytes, bytearray, int, float, complex, bool, type(None), torch.dtype, torch.device)
 

@@ -15,6 +15,7 @@ from typing import Any
 
 from modelkeep import errors
 from modelkeep.legacy import containers, graph, tensors, trusted, vm
+from modelkeep.legacy.limits import DEFAULT_LIMITS, Limits
 from modelkeep.legacy.policy import REFS, VALUES, Offence, Policy, StorageProvider
 
 ZIP_MAGICS = (b"PK\x03\x04", b"PK\x05\x06")
@@ -57,7 +58,7 @@ def sniff(path: str) -> str | None:
 class _Context:
     """Settings shared by every pickle of one read (and of archives nested inside it)."""
 
-    def __init__(self, path: str, mode: str, trust: trusted.Trust, on_unknown: str, limits: vm.Limits,
+    def __init__(self, path: str, mode: str, trust: trusted.Trust, on_unknown: str, limits: Limits,
                  check_crc: bool, threads: int | None) -> None:
         self.path = path
         self.mode = mode
@@ -108,8 +109,8 @@ def unsafe_error(offences: list[Offence], path: str) -> errors.UnsafeContentErro
         grouped.setdefault(offence.name, []).append(where)
     listed = [f"{name} (at {', '.join(places[:5])}{', ...' if len(places) > 5 else ''})" for name, places in grouped.items()]
     error = errors.UnsafeContentError(
-        f"the pickle names {len(grouped)} global(s) that modelkeep does not build, because loading "
-        f"them would run code: {'; '.join(listed[:50])}" + (" ..." if len(listed) > 50 else ""),
+        f"the pickle names {len(grouped)} global(s) that modelkeep does not build, because torch.load "
+        f"would import and run them: {'; '.join(listed[:50])}" + (" ..." if len(listed) > 50 else ""),
         path=path,
         fix="do not torch.load this file unless you trust its source. To rescue its tensors pass "
         "on_unknown='placeholder'; to rebuild classes you trust pass trust=('package',)",
@@ -124,7 +125,7 @@ def read_contents(
     mode: str = VALUES,
     trust: trusted.Trust | None = None,
     on_unknown: str = "error",
-    limits: vm.Limits = vm.DEFAULT_LIMITS,
+    limits: Limits = DEFAULT_LIMITS,
     check_crc: bool = True,
     threads: int | None = None,
 ) -> Contents:
@@ -187,14 +188,15 @@ def read_stream(ctx: _Context, data: Any, *, memory: bool, item: str | None, mod
     """The stream format (or a plain pickle) in ``data``: value, container kind, last policy."""
     limits = ctx.limits
     first_end = vm.skip(data, 0, limits=limits)
-    magic = None
-    if first_end <= 64:
-        magic, _ = ctx.run(data, 0, ctx.policy(REFS, None, "magic number", depth=depth))
-    if magic != containers.MAGIC_NUMBER:  # a plain pickle (pickle.dump of tensors, numpy, ...)
-        if len(data) > limits.max_pickle_bytes and first_end > limits.max_pickle_bytes:
+    if not containers.is_magic(data[:first_end]):  # a plain pickle (pickle.dump of tensors, ...)
+        if first_end > limits.max_pickle_bytes:
             raise errors.FormatError("the pickle is larger than the limit", path=ctx.path, fix="raise Limits.max_pickle_bytes")
-        policy = ctx.policy(mode, None, item or "pickle", depth=depth)
-        value, _ = ctx.run(data, 0, policy)
+        policy = ctx.policy(REFS, None, item or "pickle", depth=depth)
+        value, _ = ctx.run(data, 0, policy)  # describe first: offences before building or importing
+        graph.check(value, limits=limits, path=ctx.path, item=policy.item)
+        if mode == VALUES:
+            policy = ctx.policy(VALUES, None, item or "pickle", depth=depth)
+            value, _ = ctx.run(data, 0, policy)
         return value, "pickle", policy
     version, pos = ctx.run(data, first_end, ctx.policy(REFS, None, "protocol version", depth=depth))
     if version != containers.PROTOCOL_VERSION:

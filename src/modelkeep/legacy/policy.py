@@ -1,7 +1,7 @@
 """What each global, call, BUILD and persistent id of a pickle is allowed to mean.
 
 The policy answers the machine's questions. Allowed globals map to modelkeep's builders
-(``builders.table``); classes in trusted namespaces are rebuilt without running them (``trusted``);
+(``allowed.table``); classes in trusted namespaces are rebuilt without running them (``trusted``);
 TorchScript's ``__torch__`` classes become records; everything else is an offence, collected with
 its byte position so one error can list them all, or (``on_unknown="placeholder"``) an inert
 ``Placeholder``. Nothing is ever called unless it is a builder.
@@ -23,9 +23,9 @@ from typing import Any, Callable
 import torch
 
 from modelkeep import errors
-from modelkeep.legacy import builders, numpy_data, tensors, trusted
+from modelkeep.legacy import allowed, builders, numpy_data, tensors, trusted
 from modelkeep.legacy.records import KIND_OBJECT, Placeholder, Record
-from modelkeep.legacy.vm import Limits
+from modelkeep.legacy.limits import Limits
 
 VALUES = "values"
 REFS = "refs"
@@ -59,6 +59,8 @@ _PID_TEXT = re.compile(
 
 
 class Policy:
+    """The meaning of one pickle's globals, calls, BUILDs and persistent ids (see module doc)."""
+
     def __init__(
         self,
         *,
@@ -96,6 +98,7 @@ class Policy:
         self._registered: dict[int, tuple[Any, str]] = {}
         self._trusted_ids: dict[int, Any] = {}
         self._storage_refs: dict[int, tuple[Any, tensors.StorageRef]] = {}
+        self._storage_values: dict[tuple, Any] = {}
 
     @property
     def refs(self) -> bool:
@@ -139,10 +142,9 @@ class Policy:
     # ------------------------------------------------------------------------ globals
 
     def find_global(self, module: str, name: str, pos: int) -> Any:
-        module = builders.MODULE_ALIASES.get(module, module)
-        module, name = builders.NAME_ALIASES.get((module, name), (module, name))
-        found = builders.table().get((module, name), _MISSING)
-        if found is not _MISSING:
+        module, name = allowed.canonical(module, name)
+        found = allowed.lookup(module, name)
+        if found is not allowed.MISSING:
             return found
         if self.torchscript and (module == "__torch__" or module.startswith("__torch__.")):
             return Placeholder(module, name, pos, trusted=True, script=True)
@@ -357,11 +359,16 @@ class Policy:
     def _storage_value(self, ref: tensors.StorageRef, kind: tensors.StorageType) -> Any:
         if self.refs:
             return ref
+        key = (id(ref.blob), ref.start, ref.nbytes, ref.dtype, kind.untyped)
+        known = self._storage_values.get(key)
+        if known is not None:  # one storage object per storage, as torch.load gives
+            return known
         untyped = self.loader.storage(ref)
         value: Any = untyped if kind.untyped else torch.storage.TypedStorage(
             wrap_storage=untyped, dtype=ref.dtype, _internal=True
         )
         self._storage_refs[id(value)] = (value, ref)
+        self._storage_values[key] = value
         return value
 
     def storage_ref(self, value: Any) -> tensors.StorageRef:
@@ -377,85 +384,3 @@ class Policy:
             raise ValueError("torch.save data nested this deep is not read")
         return self.nested(data, self, pos)
 
-    # ------------------------------------------------------------------------ tensors
-
-    def make_tensor(
-        self, storage: Any, offset: Any, size: Any, stride: Any, dtype: Any, requires_grad: Any, metadata: Any
-    ) -> Any:
-        ref_storage = self.storage_ref(storage)
-        dtype = ref_storage.dtype if dtype is None else dtype
-        if type(requires_grad) is not bool:
-            raise TypeError("requires_grad must be a flag")
-        if requires_grad and not (dtype.is_floating_point or dtype.is_complex):
-            raise ValueError("only floating point and complex tensors can require gradients")
-        if metadata is not None and (
-            not isinstance(metadata, dict)
-            or not all(k in ("conj", "neg") and type(v) is bool for k, v in metadata.items())
-        ):
-            raise ValueError("tensor metadata may only hold the conj and neg flags")
-        offset, shape, stride_t = tensors.check_view(
-            ref_storage, dtype, offset, size, stride, max_ndim=self.limits.max_ndim
-        )
-        ref = tensors.TensorRef(
-            ref_storage, offset, shape, stride_t, dtype, requires_grad=requires_grad,
-            metadata=dict(metadata) if metadata else None,
-        )
-        return ref if self.refs else self.loader.tensor(ref)
-
-    def as_parameter(self, data: Any, requires_grad: Any, state: Any) -> Any:
-        if type(requires_grad) is not bool:
-            raise TypeError("requires_grad must be a flag")
-        attributes = self._tensor_attributes(state)
-        if isinstance(data, tensors.TensorRef):
-            return dataclasses.replace(data, parameter=True, requires_grad=requires_grad, attributes=attributes)
-        if isinstance(data, tensors.DeferredTensor):
-            return self.derived_tensor(lambda t: self._parameter(t, requires_grad, attributes), (data,))
-        if isinstance(data, torch.Tensor):
-            return self._parameter(data, requires_grad, attributes)
-        raise TypeError("a parameter needs a tensor")
-
-    @staticmethod
-    def _parameter(tensor: torch.Tensor, requires_grad: bool, attributes: dict | None) -> torch.Tensor:
-        if requires_grad and not (tensor.dtype.is_floating_point or tensor.dtype.is_complex):
-            raise ValueError("only floating point and complex parameters can require gradients")
-        param = torch.nn.Parameter(tensor.detach(), requires_grad=requires_grad)
-        for key, value in (attributes or {}).items():
-            setattr(param, key, value)
-        return param
-
-    def with_attributes(self, tensor: Any, state: Any) -> Any:
-        attributes = self._tensor_attributes(state)
-        if not attributes:
-            return tensor
-        if isinstance(tensor, tensors.TensorRef):
-            return dataclasses.replace(tensor, attributes=attributes)
-        if isinstance(tensor, torch.Tensor):
-            for key, value in attributes.items():
-                setattr(tensor, key, value)
-            return tensor
-        raise TypeError("attributes need a tensor")
-
-    @staticmethod
-    def _tensor_attributes(state: Any) -> dict[str, Any] | None:
-        if isinstance(state, tuple) and len(state) == 2:
-            if state[1]:
-                raise ValueError("tensor slot state is not supported")
-            state = state[0]
-        if not state:
-            return None
-        if type(state) is not dict:
-            raise ValueError("tensor attributes must be a dict")
-        for key in state:
-            if type(key) is not str or not key.isidentifier() or key.startswith("__") or hasattr(torch.Tensor, key):
-                raise ValueError(f"tensor attribute {str(key)[:60]!r} is not allowed")
-        return dict(state)
-
-    def derived_tensor(self, build: Callable[..., torch.Tensor], args: tuple) -> Any:
-        if self.refs:
-            return tensors.DeferredTensor(build, args)
-        if not all(isinstance(a, torch.Tensor) for a in args):
-            raise TypeError("expected tensors")
-        return build(*args)
-
-
-_MISSING = object()

@@ -10,7 +10,7 @@ import torch
 from modelkeep import errors
 from modelkeep.legacy import loader, statedict, trusted
 from modelkeep.legacy.policy import REFS, VALUES
-from modelkeep.legacy.vm import DEFAULT_LIMITS, Limits
+from modelkeep.legacy.limits import DEFAULT_LIMITS, Limits
 
 MODULE_KEYS = ("model", "module", "net", "network", "ema", "model_ema")
 

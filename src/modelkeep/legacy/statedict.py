@@ -175,6 +175,11 @@ def materialize(value: Any, loader: tensors.StorageLoader) -> torch.Tensor:
         built = value.build(*(materialize(arg, loader) for arg in value.args))
         return built.detach()
     if isinstance(value, torch.Tensor):
+        if value.is_meta:
+            raise errors.FormatError(
+                "a tensor of the state dict was saved on the meta device and holds no values",
+                fix="save the model after its weights are materialised",
+            )
         return value.detach()
     raise TypeError(f"not a tensor: {type(value).__name__}")
 

@@ -261,8 +261,10 @@ class StorageLoader:
             self._loaded[id(blob)] = (blob, out)
 
     def storage(self, ref: StorageRef) -> torch.UntypedStorage:
-        data = self.bytes_of(ref.blob)
-        return data[ref.start : ref.start + ref.nbytes].untyped_storage()
+        whole = self.bytes_of(ref.blob).untyped_storage()
+        if ref.start == 0 and ref.nbytes == ref.blob.nbytes:
+            return whole
+        return whole[ref.start : ref.start + ref.nbytes]  # a view sharing the blob's memory
 
     def tensor(self, ref: TensorRef) -> torch.Tensor:
         data = self.bytes_of(ref.storage.blob)

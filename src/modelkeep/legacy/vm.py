@@ -13,37 +13,17 @@ exponentially shared results are refused afterwards by ``graph.check``.
 
 from __future__ import annotations
 
-import codecs
-import dataclasses
 import struct
 from typing import Any, Callable, Protocol
 
 from modelkeep import errors
+from modelkeep.legacy.limits import DEFAULT_LIMITS, Limits
+from modelkeep.legacy.opcodes import NAMES, skip
+from modelkeep.legacy.scalars import ScalarOps
+
+__all__ = ["DEFAULT_LIMITS", "Limits", "Machine", "Policy", "skip"]
 
 
-@dataclasses.dataclass(frozen=True)
-class Limits:
-    """Bounds on what one file may make the reader do. The defaults fit every honest checkpoint
-    seen in practice with wide margins; raise them only for files you trust."""
-
-    max_pickle_bytes: int = 1 << 30  # one pickle stream (data.pkl)
-    max_objects: int = 10_000_000  # values created while interpreting
-    max_memo: int = 10_000_000  # memo entries
-    max_depth: int = 400  # nesting of the result
-    max_expanded: int = 50_000_000  # nodes of the result counted as a tree (shared parts repeated)
-    max_key_weight: int = 4096  # nodes inside one dict key or set element
-    max_same_hash: int = 64  # non-string keys of one container sharing a hash
-    max_int_bytes: int = 1024  # LONG1/LONG4 payload; text ints are limited to matching digits
-    max_line: int = 1 << 20  # one text-protocol line
-    max_name: int = 512  # module or attribute name of a global
-    max_ndim: int = 64
-    max_nested_archives: int = 2  # torch.save bytes inside a pickle inside ...
-    max_inflate_ratio: int = 1100  # deflate cannot exceed ~1032:1
-    max_inflated_factor: int = 16  # all inflated entries together, times the archive size
-    max_entries: int = 1_000_000  # zip or tar members
-
-
-DEFAULT_LIMITS = Limits()
 
 
 class Policy(Protocol):
@@ -66,7 +46,7 @@ _SAFE_HASH = (str, bytes)  # randomised SipHash: collisions cannot be chosen by 
 _ATOMS = (int, float, complex, bool, type(None), str, bytes)
 
 
-class Machine:
+class Machine(ScalarOps):
     """Interprets one pickle stream of ``data`` starting at ``start``; ``run`` returns the value
     and the offset just after its STOP opcode."""
 
@@ -92,7 +72,7 @@ class Machine:
         self.created = 0
         self._hash_counts: dict[int, tuple[Any, dict[int, int]]] = {}
         self._dispatch: dict[int, Callable[[], None]] = {
-            code: getattr(self, "op_" + name) for code, name in _OPCODES.items()
+            code: getattr(self, "op_" + name) for code, name in NAMES.items()
         }
 
     # ---------------------------------------------------------------------------- errors
@@ -141,38 +121,6 @@ class Machine:
         if len(self.stack) != 1:
             raise self.error(f"the pickle stops with {len(self.stack)} values on the stack, not 1")
         return self.stack.pop()
-
-    # ---------------------------------------------------------------------------- primitives
-
-    def _take(self, n: int) -> bytes:
-        if n < 0 or self.pos + n > len(self.data):
-            raise self.error(f"an opcode needs {n} bytes but the pickle ends first")
-        chunk = self.data[self.pos : self.pos + n]
-        self.pos += n
-        return bytes(chunk)
-
-    def _u8(self) -> int:
-        return self._take(1)[0]
-
-    def _u16(self) -> int:
-        return int.from_bytes(self._take(2), "little")
-
-    def _u32(self) -> int:
-        return int.from_bytes(self._take(4), "little")
-
-    def _i32(self) -> int:
-        return int.from_bytes(self._take(4), "little", signed=True)
-
-    def _u64(self) -> int:
-        return int.from_bytes(self._take(8), "little")
-
-    def _line(self) -> bytes:
-        end = self.data.find(b"\n", self.pos, self.pos + self.limits.max_line + 1)
-        if end < 0:
-            raise self.error("a text opcode's line has no end or is too long")
-        line = bytes(self.data[self.pos : end])
-        self.pos = end + 1
-        return line
 
     def _push(self, value: Any) -> None:
         self.created += 1
@@ -257,120 +205,6 @@ class Machine:
         length = self._u64()
         if self.pos + length > len(self.data):
             raise self.error("a FRAME runs past the end of the pickle")
-
-    # numbers
-    def op_int(self) -> None:
-        line = self._line()
-        if line == b"00":
-            self._push(False)
-        elif line == b"01":
-            self._push(True)
-        else:
-            self._push(self._text_int(line))
-
-    def op_long(self) -> None:
-        line = self._line()
-        if line.endswith(b"L"):
-            line = line[:-1]
-        self._push(self._text_int(line))
-
-    def _text_int(self, line: bytes) -> int:
-        if len(line) > self.limits.max_int_bytes * 5 // 2 + 2:
-            raise self.error("an integer has too many digits")
-        return int(line)
-
-    def op_binint(self) -> None:
-        self._push(self._i32())
-
-    def op_binint1(self) -> None:
-        self._push(self._u8())
-
-    def op_binint2(self) -> None:
-        self._push(self._u16())
-
-    def op_long1(self) -> None:
-        self._push(int.from_bytes(self._take(self._u8()), "little", signed=True))
-
-    def op_long4(self) -> None:
-        size = self._i32()
-        if size < 0 or size > self.limits.max_int_bytes:
-            raise self.error(f"a LONG4 of {size} bytes is out of bounds")
-        self._push(int.from_bytes(self._take(size), "little", signed=True))
-
-    def op_float(self) -> None:
-        line = self._line()
-        if len(line) > 400:
-            raise self.error("a float has too many characters")
-        self._push(float(line))
-
-    def op_binfloat(self) -> None:
-        self._push(struct.unpack(">d", self._take(8))[0])
-
-    def op_none(self) -> None:
-        self.stack.append(None)
-
-    def op_newtrue(self) -> None:
-        self.stack.append(True)
-
-    def op_newfalse(self) -> None:
-        self.stack.append(False)
-
-    # strings
-    def _string(self, raw: bytes) -> Any:
-        try:
-            return raw.decode("utf-8")
-        except UnicodeDecodeError:
-            return raw  # Python 2 byte strings that are not text stay bytes
-
-    def op_string(self) -> None:
-        line = self._line()
-        if len(line) < 2 or line[0] != line[-1] or line[:1] not in (b'"', b"'"):
-            raise self.error("a STRING opcode's argument is not quoted")
-        self._push(self._string(codecs.escape_decode(line[1:-1])[0]))
-
-    def op_binstring(self) -> None:
-        size = self._i32()
-        self._push(self._string(self._take(size)))
-
-    def op_short_binstring(self) -> None:
-        self._push(self._string(self._take(self._u8())))
-
-    def op_binbytes(self) -> None:
-        self._push(self._take(self._u32()))
-
-    def op_short_binbytes(self) -> None:
-        self._push(self._take(self._u8()))
-
-    def op_binbytes8(self) -> None:
-        self._push(self._take(self._u64()))
-
-    def op_bytearray8(self) -> None:
-        self._push(bytearray(self._take(self._u64())))
-
-    def op_unicode(self) -> None:
-        self._push(self._line().decode("raw-unicode-escape"))
-
-    def op_binunicode(self) -> None:
-        self._push(self._take(self._u32()).decode("utf-8", "surrogatepass"))
-
-    def op_short_binunicode(self) -> None:
-        self._push(self._take(self._u8()).decode("utf-8", "surrogatepass"))
-
-    def op_binunicode8(self) -> None:
-        self._push(self._take(self._u64()).decode("utf-8", "surrogatepass"))
-
-    def op_next_buffer(self) -> None:
-        raise self.error(
-            "the pickle refers to an out-of-band buffer that files cannot carry",
-            fix="re-save the file with torch.save",
-        )
-
-    def op_readonly_buffer(self) -> None:
-        top = self.stack[-1]
-        if isinstance(top, bytearray):
-            self.stack[-1] = bytes(top)
-        elif not isinstance(top, bytes):
-            raise self.error("READONLY_BUFFER needs a bytes-like value")
 
     # containers
     def op_empty_tuple(self) -> None:
@@ -581,125 +415,3 @@ class Machine:
 
     def op_ext4(self) -> None:
         self._push(self.policy.extension(self._i32(), self.op_pos))
-
-
-_OPCODES: dict[int, str] = {
-    ord("("): "mark",
-    ord("0"): "pop",
-    ord("1"): "pop_mark",
-    ord("2"): "dup",
-    ord("F"): "float",
-    ord("I"): "int",
-    ord("J"): "binint",
-    ord("K"): "binint1",
-    ord("L"): "long",
-    ord("M"): "binint2",
-    ord("N"): "none",
-    ord("P"): "persid",
-    ord("Q"): "binpersid",
-    ord("R"): "reduce",
-    ord("S"): "string",
-    ord("T"): "binstring",
-    ord("U"): "short_binstring",
-    ord("V"): "unicode",
-    ord("X"): "binunicode",
-    ord("a"): "append",
-    ord("b"): "build",
-    ord("c"): "global",
-    ord("d"): "dict",
-    ord("}"): "empty_dict",
-    ord("e"): "appends",
-    ord("g"): "get",
-    ord("h"): "binget",
-    ord("i"): "inst",
-    ord("j"): "long_binget",
-    ord("l"): "list",
-    ord("]"): "empty_list",
-    ord("o"): "obj",
-    ord("p"): "put",
-    ord("q"): "binput",
-    ord("r"): "long_binput",
-    ord("s"): "setitem",
-    ord("t"): "tuple",
-    ord(")"): "empty_tuple",
-    ord("u"): "setitems",
-    ord("G"): "binfloat",
-    0x80: "proto",
-    0x81: "newobj",
-    0x82: "ext1",
-    0x83: "ext2",
-    0x84: "ext4",
-    0x85: "tuple1",
-    0x86: "tuple2",
-    0x87: "tuple3",
-    0x88: "newtrue",
-    0x89: "newfalse",
-    0x8A: "long1",
-    0x8B: "long4",
-    ord("B"): "binbytes",
-    ord("C"): "short_binbytes",
-    0x8C: "short_binunicode",
-    0x8D: "binunicode8",
-    0x8E: "binbytes8",
-    0x8F: "empty_set",
-    0x90: "additems",
-    0x91: "frozenset",
-    0x92: "newobj_ex",
-    0x93: "stack_global",
-    0x94: "memoize",
-    0x95: "frame",
-    0x96: "bytearray8",
-    0x97: "next_buffer",
-    0x98: "readonly_buffer",
-}
-
-
-def skip(data: bytes, start: int = 0, *, limits: Limits = DEFAULT_LIMITS) -> int:
-    """The offset just after the STOP of the pickle at ``start``, found by decoding opcode
-    arguments only (no stack, no values): how the stream format finds where its next part starts."""
-    pos, end = start, len(data)
-    while pos < end:
-        code = data[pos]
-        pos += 1
-        if code == 0x2E:
-            return pos
-        kind = _ARGUMENTS.get(code)
-        if kind is None:
-            raise errors.FormatError(f"unknown opcode 0x{code:02x} (pickle byte {pos - 1})")
-        if kind == "line":
-            newline = data.find(b"\n", pos, pos + limits.max_line + 1)
-            if newline < 0:
-                break
-            pos = newline + 1
-        elif kind == "lines":
-            for _ in range(2):
-                newline = data.find(b"\n", pos, pos + limits.max_line + 1)
-                if newline < 0:
-                    raise errors.FormatError(f"unterminated line (pickle byte {pos})")
-                pos = newline + 1
-        elif isinstance(kind, int):
-            pos += kind
-        else:  # (width of a length prefix, signed)
-            width, signed = kind
-            if pos + width > end:
-                break
-            size = int.from_bytes(data[pos : pos + width], "little", signed=signed)
-            if size < 0:
-                raise errors.FormatError(f"negative length (pickle byte {pos})")
-            pos += width + size
-    raise errors.FormatError("the pickle ends without a STOP opcode")
-
-
-_ARGUMENTS: dict[int, Any] = {code: 0 for code in _OPCODES}
-_ARGUMENTS.update(
-    {
-        ord("F"): "line", ord("I"): "line", ord("L"): "line", ord("P"): "line", ord("S"): "line",
-        ord("V"): "line", ord("g"): "line", ord("p"): "line",
-        ord("c"): "lines", ord("i"): "lines",
-        ord("J"): 4, ord("K"): 1, ord("M"): 2, ord("h"): 1, ord("j"): 4, ord("q"): 1, ord("r"): 4,
-        ord("G"): 8, 0x80: 1, 0x82: 1, 0x83: 2, 0x84: 4, 0x95: 8,
-        ord("T"): (4, True), ord("U"): (1, False), ord("X"): (4, False), ord("B"): (4, False),
-        ord("C"): (1, False), 0x8A: (1, False), 0x8B: (4, True), 0x8C: (1, False),
-        0x8D: (8, False), 0x8E: (8, False), 0x96: (8, False),
-    }
-)

@@ -20,7 +20,7 @@ from typing import Iterator
 
 from modelkeep import engine, errors
 from modelkeep.legacy import tensors
-from modelkeep.legacy.vm import Limits
+from modelkeep.legacy.limits import Limits
 
 LOCAL_HEADER = 30
 LOCAL_MAGIC = b"PK\x03\x04"
