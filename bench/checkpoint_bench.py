@@ -232,7 +232,6 @@ def report(records: list[dict[str, dict[str, float]]], size: int, file_size: int
         "* **torch.save**: `torch.save({'model': ..., 'optimizer': ..., 'step': ..., 'rng': ...})` "
         "to a new path, not fsynced (as usually called); `+fsync` adds the fsync that would make "
         "it durable.",
-        "",
         "* **raw write**: the floor for any writer: the same tensor bytes with one `os.write` each "
         "into a new file, no header, no hashing, no fsync.",
         "",

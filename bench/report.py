@@ -17,8 +17,9 @@ LABELS = {
     ("save", "modelkeep excl. fsync"): "modelkeep.save_weights minus its fsync time",
     ("save", "safetensors"): "safetensors.torch.save_file (save_model when tied)",
     ("save", "torch"): "torch.save(state_dict)",
-    ("save", "raw"): "raw writev of the tensors' bytes (no fsync)",
-    ("save", "raw+fsync"): "raw writev + fsync",
+    ("save", "raw"): "raw write of the tensors' bytes in 1 MB calls (no fsync)",
+    ("save", "raw+fsync"): "raw write in 1 MB calls + fsync",
+    ("save", "raw-whole"): "raw writev of whole tensors (no fsync)",
 }
 
 

@@ -27,7 +27,7 @@ from bench import cache, report
 
 WORKLOADS = ("vgg16", "gpt2", "small", "big")
 LOAD_CONTENDERS = ("modelkeep", "safetensors", "torch-mmap", "torch", "raw")
-SAVE_CONTENDERS = ("modelkeep", "safetensors", "torch", "raw", "raw+fsync")
+SAVE_CONTENDERS = ("modelkeep", "safetensors", "torch", "raw", "raw+fsync", "raw-whole")
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 

@@ -138,6 +138,39 @@ def verify_command(file: str) -> None:
     sys.exit(EXIT_FINDINGS)
 
 
+@main.command("scan")
+@click.argument("paths", nargs=-1, required=True, type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON document instead of a table.")
+def scan_command(paths: tuple[str, ...], as_json: bool) -> None:
+    """Find the code model files would run, without running it. Exit 0 clean, 1 findings, 2 unreadable.
+
+    PATHS are files or folders (scanned recursively, plain zip archives member by member).
+    """
+    from modelkeep import scan
+
+    results = scan.scan(list(paths))
+    if as_json:
+        click.echo(json.dumps({"files": [r.to_json() for r in results], "exit_code": scan.exit_code(results)}, indent=2))
+        sys.exit(scan.exit_code(results))
+    colours = {"safe": "green", "needs-trust": "yellow", "dangerous": "red", "unreadable": "magenta"}
+    table = Table(title="modelkeep scan")
+    for column in ("file", "container", "verdict", "findings"):
+        table.add_column(column)
+    for result in results:
+        distinct = list(dict.fromkeys(f"{g.name} [{g.verdict}]" for g in result.findings))
+        details = ", ".join(distinct[:6]) + (" ..." if len(distinct) > 6 else "")
+        if result.error and not details:
+            details = result.error[:200]
+        verdict = result.verdict
+        table.add_row(
+            escape(result.path), result.container, f"[{colours[verdict]}]{verdict}[/]", escape(details)
+        )
+    console.print(table)
+    counts = {v: sum(r.verdict == v for r in results) for v in colours}
+    console.print(", ".join(f"{n} {v}" for v, n in counts.items() if n) or "no model files found")
+    sys.exit(scan.exit_code(results))
+
+
 @main.command("convert")
 @click.argument("src", type=click.Path(exists=True))
 @click.argument("dst", type=click.Path(dir_okay=False))

@@ -36,10 +36,11 @@ HASH_HEX_LENGTH = 32
 EMPTY_DIGEST = xxhash.xxh3_128_hexdigest(b"")
 CHUNK_BYTES = 16 * 1024 * 1024  # bytes per preadv call
 MIN_STREAM_BYTES = 32 * 1024 * 1024  # below this a second reader thread costs more than it gives
-FADVISE_SEQUENTIAL = True  # ask for the larger readahead window on each reader's descriptor
+READ_ADVICE = "sequential"  # posix_fadvise for each reader's descriptor: sequential/normal/random
 READ_METHOD = "preadv"  # or "mmap": copy from a mapping of the file (measured against preadv)
 IOV_MAX = 1024  # Linux's limit on buffers per preadv/writev call
-WRITE_CHUNK_BYTES = 16 * 1024 * 1024  # bytes per write call; each is hashed while the last is written
+WRITE_CHUNK_BYTES = 1024 * 1024  # bytes per write call: below 2 MB (see the module docstring)
+HASH_CHUNK_BYTES = 16 * 1024 * 1024  # a large tensor is hashed on the side in pieces of this size
 WRITEBACK_BYTES = 64 * 1024 * 1024  # start disk writeback after this many bytes (0: leave it to fsync)
 HASH_IN_THREAD = True  # digest on a second thread while writing
 TEMP_SUFFIX = ".mk-tmp"
@@ -215,9 +216,10 @@ def _open_for_reading(path: str) -> int:
         fd = os.open(path, os.O_RDONLY)
     except OSError as e:
         raise errors.StorageError(f"cannot open: {e.strerror}", path=path, fix="check the path") from e
-    if FADVISE_SEQUENTIAL:
+    advice = {"sequential": "POSIX_FADV_SEQUENTIAL", "random": "POSIX_FADV_RANDOM"}.get(READ_ADVICE)
+    if advice:
         with contextlib.suppress(OSError, AttributeError):
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+            os.posix_fadvise(fd, 0, 0, getattr(os, advice))
     return fd
 
 
@@ -427,7 +429,7 @@ def _cpu_bytes(tensor: torch.Tensor) -> tuple[Any, int]:
 
 def _write_all(fd: int, view: memoryview, path: str) -> None:
     while len(view):
-        written = os.write(fd, view)
+        written = os.write(fd, view[:WRITE_CHUNK_BYTES])
         view = view[written:]
 
 
@@ -541,10 +543,12 @@ def write_tensors(fd: int, tensors: Iterable[torch.Tensor], path: str) -> list[s
                 continue
             flat = _byte_view(buffer)
             hasher = new_hasher()
-            for cut in range(0, nbytes, chunk):
-                piece = flat[cut : cut + chunk]
-                hashing.submit(functools.partial(hasher.update, piece))
-                writer.write([piece], len(piece))
+            for start in range(0, nbytes, HASH_CHUNK_BYTES):
+                segment = flat[start : start + HASH_CHUNK_BYTES]
+                hashing.submit(functools.partial(hasher.update, segment))
+                for cut in range(0, len(segment), chunk):
+                    piece = segment[cut : cut + chunk]
+                    writer.write([piece], len(piece))
             hashing.submit(functools.partial(_finish_digest, hasher, slot, digests))
         if batch:
             _hash_each(batch, slots, digests)

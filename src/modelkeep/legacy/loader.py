@@ -16,7 +16,7 @@ from typing import Any
 from modelkeep import errors
 from modelkeep.legacy import containers, graph, tensors, trusted, vm
 from modelkeep.legacy.limits import DEFAULT_LIMITS, Limits
-from modelkeep.legacy.policy import REFS, VALUES, Offence, Policy, StorageProvider
+from modelkeep.legacy.policy import REFS, VALUES, Offence, Policy, Sighting, StorageProvider
 
 ZIP_MAGICS = (b"PK\x03\x04", b"PK\x05\x06")
 PICKLE_STARTS = frozenset(b"(}])cNILSVFXKJMUTGl")
@@ -59,13 +59,14 @@ class _Context:
     """Settings shared by every pickle of one read (and of archives nested inside it)."""
 
     def __init__(self, path: str, mode: str, trust: trusted.Trust, on_unknown: str, limits: Limits,
-                 check_crc: bool, threads: int | None) -> None:
+                 check_crc: bool, threads: int | None, sightings: list[Sighting] | None = None) -> None:
         self.path = path
         self.mode = mode
         self.trust = trust
         self.on_unknown = on_unknown
         self.limits = limits
         self.offences: list[Offence] = []
+        self.sightings = sightings
         self.loader = tensors.StorageLoader(check_crc=check_crc, threads=threads)
 
     def policy(self, mode: str, storages: StorageProvider | None, item: str, *, torchscript: bool = False,
@@ -73,7 +74,7 @@ class _Context:
         return Policy(
             mode=mode, trust=self.trust, on_unknown=self.on_unknown, limits=self.limits, path=self.path,
             item=item, storages=storages, loader=self.loader, torchscript=torchscript,
-            offences=self.offences, depth=depth, nested=self._nested,
+            offences=self.offences, depth=depth, nested=self._nested, sightings=self.sightings,
         )
 
     def run(self, data: Any, start: int, policy: Policy) -> tuple[Any, int]:
@@ -128,10 +129,14 @@ def read_contents(
     limits: Limits = DEFAULT_LIMITS,
     check_crc: bool = True,
     threads: int | None = None,
+    sightings: list[Sighting] | None = None,
 ) -> Contents:
-    """Read the torch.save/torch.jit.save file at ``path`` without running anything from it."""
+    """Read the torch.save/torch.jit.save file at ``path`` without running anything from it.
+
+    ``sightings``, when given, collects every global the pickles name (``modelkeep scan``).
+    """
     path = os.fspath(path)
-    ctx = _Context(path, mode, trust or trusted.Trust(), on_unknown, limits, check_crc, threads)
+    ctx = _Context(path, mode, trust or trusted.Trust(), on_unknown, limits, check_crc, threads, sightings)
     kind = sniff(path)
     if kind == "zip":
         contents = _read_zip(ctx)

@@ -33,6 +33,22 @@ ON_UNKNOWN = ("error", "placeholder")
 
 
 @dataclasses.dataclass(frozen=True)
+class Sighting:
+    """A global a pickle names and what the policy made of it; collected only when scanning.
+
+    ``meaning`` is ``builder`` (built by modelkeep), ``trusted`` (a class of a trusted namespace),
+    ``script`` (a TorchScript class, never run), ``unknown``, ``computed`` (a name built at run
+    time by STACK_GLOBAL) or ``extension`` (a copyreg extension code).
+    """
+
+    module: str
+    name: str
+    position: int
+    item: str | None
+    meaning: str
+
+
+@dataclasses.dataclass(frozen=True)
 class Offence:
     """A global the file names that modelkeep will not build, and where."""
 
@@ -76,6 +92,7 @@ class Policy:
         torchscript: bool = False,
         offences: list[Offence] | None = None,
         depth: int = 0,
+        sightings: list[Sighting] | None = None,
     ) -> None:
         if on_unknown not in ON_UNKNOWN:
             raise errors.UnsupportedValueError(
@@ -93,6 +110,7 @@ class Policy:
         self.nested = nested
         self.torchscript = torchscript
         self.offences: list[Offence] = offences if offences is not None else []
+        self.sightings = sightings
         self.depth = depth
         self.machine: Any = None
         self._registered: dict[int, tuple[Any, str]] = {}
@@ -141,14 +159,21 @@ class Policy:
 
     # ------------------------------------------------------------------------ globals
 
+    def _saw(self, module: str, name: str, pos: int, meaning: str) -> None:
+        if self.sightings is not None:
+            self.sightings.append(Sighting(module, name, pos, self.item, meaning))
+
     def find_global(self, module: str, name: str, pos: int) -> Any:
         module, name = allowed.canonical(module, name)
         found = allowed.lookup(module, name)
         if found is not allowed.MISSING:
+            self._saw(module, name, pos, "builder")
             return found
         if self.torchscript and (module == "__torch__" or module.startswith("__torch__.")):
+            self._saw(module, name, pos, "script")
             return Placeholder(module, name, pos, trusted=True, script=True)
         if trusted.valid_name(module, name) and self.trust.allows(module, name):
+            self._saw(module, name, pos, "trusted")
             if self.refs and module not in sys.modules:
                 return Placeholder(module, name, pos, trusted=True)  # not imported just to check
             target = trusted.resolve(module, name, self.trust)
@@ -163,12 +188,17 @@ class Policy:
         return self._unknown(f"{module}.{name}", pos, module, name)
 
     def computed_global(self, module: Any, name: Any, pos: int) -> Any:
-        return self._unknown("<global with a computed name>", pos, "?", "?")
+        return self._unknown("<global with a computed name>", pos, "?", "?", meaning="computed")
 
     def extension(self, code: int, pos: int) -> Any:
-        return self._unknown(f"<copyreg extension {code}>", pos, "copyreg", f"extension_{code}")
+        return self._unknown(
+            f"<copyreg extension {code}>", pos, "copyreg", f"extension_{code}", meaning="extension"
+        )
 
-    def _unknown(self, label: str, pos: int, module: str, name: str, reason: str = "") -> Placeholder:
+    def _unknown(
+        self, label: str, pos: int, module: str, name: str, reason: str = "", *, meaning: str = "unknown"
+    ) -> Placeholder:
+        self._saw(module, name, pos, meaning)
         if self.on_unknown != "placeholder":
             self.offences.append(Offence(label + (f" ({reason})" if reason else ""), pos, self.item))
         return Placeholder(module, name, pos)

@@ -1,0 +1,261 @@
+"""Scanning model files for code they would run, without running or importing anything.
+
+Every pickle in a torch.save/TorchScript file is walked by modelkeep's own interpreter in
+describe-only mode, so globals are found exactly as ``torch.load`` would meet them (also names
+computed with STACK_GLOBAL and pickles nested inside pickles), and nothing is built or imported.
+Each global is classified:
+
+- ``safe``: modelkeep builds it as data (tensors, storages, containers, numpy arrays), or it is a
+  class of a namespace modelkeep trusts by default (``torch.nn``, ``torchvision.models``), or a
+  TorchScript class (its code is never run);
+- ``needs-trust``: an unknown class or function; reading the file needs ``trust=`` for it;
+- ``dangerous``: a known way to run code (``os.system``, ``builtins.eval``, ``subprocess``,
+  attribute-chain gadgets, ``torch.load`` re-entry, names computed at load time, ...).
+
+Folders are scanned recursively and plain zip archives member by member, so ``modelkeep scan``
+fits as a CI gate over a folder of downloaded models (exit 0 clean, 1 findings, 2 unreadable).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import tempfile
+import zipfile
+from typing import Any, Iterator
+
+from modelkeep import errors, format
+
+SAFE, NEEDS_TRUST, DANGEROUS = "safe", "needs-trust", "dangerous"
+_SEVERITY = {SAFE: 0, NEEDS_TRUST: 1, DANGEROUS: 2}
+
+# Modules (and their submodules) whose globals have no business in a model file and are known
+# ways to run code, reach the network or the file system, or re-enter deserialisation.
+DANGEROUS_MODULES = frozenset(
+    """
+    os posix nt subprocess sys shutil socket importlib runpy pty commands webbrowser ctypes
+    code codeop marshal pickle _pickle cPickle dill cloudpickle shelve joblib multiprocessing
+    asyncio signal pip setuptools distutils requests urllib urllib2 urllib3 http httplib ftplib
+    smtplib telnetlib platform gc inspect threading _thread bdb pdb timeit profile cProfile trace
+    zipimport pkgutil imp types builtins __builtin__ operator functools itertools io _io
+    tempfile glob pathlib fileinput linecache site sysconfig ensurepip venv unittest doctest
+    numpy.testing numpy.f2py numpy.distutils numpy.ctypeslib
+    torch.hub torch.jit torch.fx torch.serialization torch._dynamo torch._inductor torch.utils
+    torch.distributed torch.package torch.storage torch._C torch._ops torch.ops torch.library
+    """.split()
+)
+DANGEROUS_NAMES = frozenset({("torch", "load"), ("torch", "compile"), ("torch", "_load_global_deps")})
+
+
+@dataclasses.dataclass(frozen=True)
+class GlobalFinding:
+    """One global a file names, where, and what it means for safety."""
+
+    name: str
+    position: int
+    item: str | None
+    verdict: str
+
+
+@dataclasses.dataclass
+class FileScan:
+    """The result for one file (or archive member, named ``archive.zip!member``)."""
+
+    path: str
+    container: str
+    globals: list[GlobalFinding] = dataclasses.field(default_factory=list)
+    error: str | None = None
+
+    @property
+    def verdict(self) -> str:
+        """``safe``, ``needs-trust``, ``dangerous`` or ``unreadable``."""
+        worst = max((_SEVERITY[g.verdict] for g in self.globals), default=0)
+        if worst or self.error is None:
+            return [SAFE, NEEDS_TRUST, DANGEROUS][worst]
+        return "unreadable"
+
+    @property
+    def findings(self) -> list[GlobalFinding]:
+        return [g for g in self.globals if g.verdict != SAFE]
+
+    def to_json(self) -> dict[str, Any]:
+        distinct: dict[tuple[str, str], list[int]] = {}
+        for finding in self.globals:
+            distinct.setdefault((finding.name, finding.verdict), []).append(finding.position)
+        return {
+            "path": self.path,
+            "container": self.container,
+            "verdict": self.verdict,
+            "error": self.error,
+            "globals": [
+                {"name": name, "verdict": verdict, "positions": positions[:20], "count": len(positions)}
+                for (name, verdict), positions in distinct.items()
+            ],
+        }
+
+
+def classify(module: str, name: str, meaning: str) -> str:
+    """The verdict for one sighting of the pickle interpreter (see ``legacy.policy.Sighting``)."""
+    if meaning in ("builder", "trusted", "script"):
+        return SAFE
+    if meaning in ("computed", "extension"):
+        return DANGEROUS  # names that only exist at load time hide what they call
+    parts = module.split(".")
+    prefixes = {".".join(parts[: i + 1]) for i in range(len(parts))}
+    if prefixes & DANGEROUS_MODULES or (module, name) in DANGEROUS_NAMES:
+        return DANGEROUS
+    chain = name.split(".")
+    if any(part.startswith("__") for part in chain):
+        return DANGEROUS  # dunder access such as object.__reduce__ or a __subclasses__ chain
+    if len(chain) > 1 and any(part in DANGEROUS_MODULES for part in chain[:-1]):
+        return DANGEROUS  # an attribute chain through a re-exported module: trusted.os.system
+    return NEEDS_TRUST
+
+
+def scan_file(path: str) -> FileScan:
+    """Scan one file of any supported container."""
+    from modelkeep import reading
+    from modelkeep.legacy import loader, policy
+
+    try:
+        kind = reading.sniff(path)
+    except errors.ModelkeepError as e:
+        return FileScan(path, "unknown", error=str(e))
+    if kind == "safetensors":
+        return _scan_safetensors(path)
+    if kind == "zip" and not _is_torch_zip(path):
+        return FileScan(path, "zip archive", error=None)  # members are scanned by scan_paths
+    sightings: list[policy.Sighting] = []
+    result = FileScan(path, kind)
+    try:
+        contents = loader.read_contents(path, mode=policy.REFS, on_unknown="placeholder", sightings=sightings)
+        result.container = contents.container
+    except errors.ModelkeepError as e:
+        result.error = str(e)
+    result.globals = [
+        GlobalFinding(_label(s.module, s.name, s.meaning), s.position, s.item, classify(s.module, s.name, s.meaning))
+        for s in sightings
+    ]
+    return result
+
+
+def _label(module: str, name: str, meaning: str) -> str:
+    if meaning == "computed":
+        return "<global with a name computed at load time>"
+    return f"{module}.{name}"
+
+
+def _scan_safetensors(path: str) -> FileScan:
+    result = FileScan(path, "safetensors")
+    try:
+        header = format.read_header_file(path)
+        header.kind  # noqa: B018 - validates the modelkeep metadata that readers act on
+        header.aliases  # noqa: B018
+    except errors.ModelkeepError as e:
+        result.error = str(e)
+    return result
+
+
+def _is_torch_zip(path: str) -> bool:
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return any(name.endswith("data.pkl") or name.endswith("constants.pkl") for name in archive.namelist())
+    except (zipfile.BadZipFile, OSError, ValueError):
+        return True  # let the torch reader say what is wrong with it
+
+
+MAX_MEMBER_BYTES = 64 * 1024**3
+MAX_ARCHIVE_DEPTH = 3
+
+
+def _archive_members(path: str, depth: int) -> Iterator[FileScan]:
+    """Scan each member of a plain zip archive (a bundle of model files) through a temp copy."""
+    try:
+        archive = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError) as e:
+        yield FileScan(path, "zip archive", error=f"unreadable archive: {e}")
+        return
+    with archive, tempfile.TemporaryDirectory(prefix="modelkeep-scan-") as scratch:
+        for info in archive.infolist():
+            label = f"{path}!{info.filename}"
+            if info.is_dir():
+                continue
+            if info.file_size > MAX_MEMBER_BYTES or (
+                info.compress_size and info.file_size / info.compress_size > 1000
+            ):
+                yield FileScan(label, "zip member", error="member too large or too compressed (zip bomb?)")
+                continue
+            target = os.path.join(scratch, "member")
+            try:
+                with archive.open(info) as source, open(target, "wb") as sink:
+                    shutil.copyfileobj(source, sink, 1024 * 1024)
+            except (zipfile.BadZipFile, OSError, NotImplementedError, RuntimeError) as e:
+                yield FileScan(label, "zip member", error=f"cannot extract: {e}")
+                continue
+            for found in _scan_one(target, depth + 1):
+                found.path = label + found.path[len(target) :]
+                yield found
+            os.unlink(target)
+
+
+def _scan_one(path: str, depth: int) -> Iterator[FileScan]:
+    result = scan_file(path)
+    if result.container == "zip archive" and result.error is None:
+        if depth >= MAX_ARCHIVE_DEPTH:
+            result.error = "archives nested too deeply"
+            yield result
+            return
+        yield from _archive_members(path, depth)
+        return
+    yield result
+
+
+def scan_paths(paths: list[str]) -> list[FileScan]:
+    """Scan files, folders (recursively, symlinks not followed) and plain zip archives."""
+    results: list[FileScan] = []
+    for top in paths:
+        if os.path.isdir(top):
+            for folder, dirs, files in os.walk(top):
+                dirs.sort()
+                for name in sorted(files):
+                    path = os.path.join(folder, name)
+                    if os.path.islink(path) or not os.path.isfile(path) or not _looks_like_model(path):
+                        continue
+                    results.extend(_scan_one(path, 0))
+        else:
+            results.extend(_scan_one(top, 0))
+    return results
+
+
+MODEL_EXTENSIONS = frozenset(
+    ".pt .pth .bin .ckpt .pkl .pickle .safetensors .mk .model .tar .zip .pt2 .jit .torchscript .joblib .dat".split()
+)
+
+
+def _looks_like_model(path: str) -> bool:
+    """In folders: files with a model extension, or whose first bytes are a model format (a
+    protocol 2+ pickle, a zip, a safetensors header); config and text files are skipped."""
+    if os.path.splitext(path)[1].lower() in MODEL_EXTENSIONS:
+        return True
+    try:
+        with open(path, "rb") as stream:
+            head = stream.read(9)
+    except OSError:
+        return True  # reported as unreadable
+    return head.startswith((b"PK\x03\x04", b"\x80")) or (len(head) == 9 and head[8:9] == b"{")
+
+
+def scan(path: str | os.PathLike[str] | list[str]) -> list[FileScan]:
+    """Scan a file or folder (or several) and return one ``FileScan`` per model file found."""
+    paths = [os.fspath(p) for p in path] if isinstance(path, list) else [os.fspath(path)]
+    return scan_paths(paths)
+
+
+def exit_code(results: list[FileScan]) -> int:
+    """0 when every file is clean, 1 when any has findings, else 2 when any is unreadable."""
+    if any(r.findings for r in results):
+        return 1
+    if any(r.error is not None for r in results):
+        return 2
+    return 0
