@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 import modelkeep as mk
 from modelkeep import api, errors, format
+from modelkeep import sniff as sniffing
 
 from _helpers_weights import ALL_DTYPES, assert_same, bits, entry, file_bytes, write
 
@@ -284,7 +285,7 @@ def test_headers_that_look_like_pickles_still_read(tmp_path, target_length):
     content = file_bytes(base, b"\0\0\x80\x3f", pad=False)  # older writers did not pad
     assert int.from_bytes(content[:8], "little") == target_length
     path = write(tmp_path / "w.safetensors", content)
-    assert api.sniff(path) == "safetensors"
+    assert sniffing.sniff(path) == "safetensors"
     assert torch.equal(mk.load_state_dict(path)["a"], torch.tensor([1.0]))
 
 
@@ -293,7 +294,7 @@ def test_headers_that_look_like_pickles_still_read(tmp_path, target_length):
 def test_any_metadata_length_reads_back(tmp_path, extra):
     path = tmp_path / "w.safetensors"
     mk.save_weights({"a": torch.ones(2)}, path, metadata={"pad": "y" * extra})
-    assert api.sniff(str(path)) == "safetensors"
+    assert sniffing.sniff(str(path)) == "safetensors"
     assert torch.equal(mk.load_state_dict(path)["a"], torch.ones(2))
 
 
@@ -302,8 +303,8 @@ def test_torch_save_files_are_named_as_such(tmp_path):
     torch.save({"a": torch.ones(2)}, zipped)
     legacy = tmp_path / "legacy.pt"
     torch.save({"a": torch.ones(2)}, legacy, _use_new_zipfile_serialization=False)
-    assert api.sniff(str(zipped)) == "torch-zip"
-    assert api.sniff(str(legacy)) == "torch-pickle"
+    assert sniffing.sniff(str(zipped)) == "zip"
+    assert sniffing.sniff(str(legacy)) == "pickle"
     for path in (zipped, legacy):
         with pytest.raises(errors.FormatError, match="torch.save"):
             api.open_header(path)  # the safetensors reader says what the file is instead

@@ -16,46 +16,27 @@ from typing import Any, Iterable, Mapping
 import torch
 
 from modelkeep import engine, errors, format, reading
+from modelkeep import sniff as sniffing
 from modelkeep._version import __version__
 
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DataParallel/DDP and torch.compile
-ZIP_MAGIC = b"PK\x03\x04"
 
 
 # --------------------------------------------------------------------------------------------
 # Opening files
 
 
-def sniff(path: str) -> str:
-    """The container kind at ``path``: ``"safetensors"``, ``"torch-zip"`` or ``"torch-pickle"``."""
-    try:
-        with open(path, "rb") as stream:
-            head = stream.read(9)
-    except FileNotFoundError as e:
-        raise errors.StorageError("no such file", path=path, fix="check the path") from e
-    except IsADirectoryError as e:
-        raise errors.StorageError("is a folder, not a file", path=path, fix="name a file") from e
-    except OSError as e:
-        raise errors.StorageError(
-            f"cannot read: {e.strerror or e}", path=path, fix="check the path and its permissions"
-        ) from e
-    if head.startswith(ZIP_MAGIC):
-        return "torch-zip"
-    # A safetensors header length is arbitrary bytes (384 starts with 0x80, like a pickle), so
-    # a plausible length followed by the JSON object's "{" decides first.
-    length = int.from_bytes(head[:8], "little")
-    if len(head) == 9 and head[8:9] == b"{" and length <= format.MAX_HEADER_BYTES:
-        return "safetensors"
-    if head[:1] == b"\x80" or head[:2] in (b"(d", b"}q", b"cc"):
-        return "torch-pickle"
-    return "safetensors"
-
-
 def open_header(path: str | os.PathLike[str]) -> format.Header:
     """The validated header of a safetensors/modelkeep file, or a FormatError that says what the
     file is instead."""
     path = os.fspath(path)
-    kind = sniff(path)
+    kind = sniffing.sniff(path)
+    if kind in ("folder", "index"):
+        raise errors.FormatError(
+            f"is a {'folder' if kind == 'folder' else 'shard index'}, not a safetensors/modelkeep file",
+            path=path,
+            fix="read it with modelkeep.load_state_dict() or modelkeep.read(), or name one file",
+        )
     if kind != "safetensors":
         raise errors.FormatError(
             f"is a torch.save file ({kind}), not a safetensors/modelkeep file",

@@ -22,7 +22,7 @@ EXIT_OK, EXIT_FINDINGS, EXIT_UNREADABLE = 0, 1, 2
 PROGRESS_MIN_BYTES = 256 * 1024 * 1024  # below this an operation takes well under a second
 
 console = Console()
-error_console = Console(stderr=True)
+error_console = Console(stderr=True, soft_wrap=True)  # paths stay whole, never wrapped
 
 
 def human_bytes(count: int) -> str:

@@ -16,6 +16,7 @@ from typing import Mapping
 import torch
 
 from modelkeep import api, engine, errors
+from modelkeep import sniff as sniffing
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)\s*$", re.IGNORECASE)
 _PREFIXES = "kmgt"
@@ -53,7 +54,7 @@ def read_source(path: str) -> tuple[dict[str, torch.Tensor], str]:
 
     A checkpoint contributes its model weights; everything else its (possibly nested) state dict.
     """
-    if os.path.isfile(path) and api.sniff(path) == "safetensors":
+    if os.path.isfile(path) and sniffing.sniff(path) == "safetensors":
         header = api.open_header(path)
         if header.kind == "checkpoint":
             from modelkeep import checkpoint

@@ -27,6 +27,7 @@ from rich.panel import Panel
 from rich.table import Table
 
 from modelkeep import demo_scripts, errors
+from modelkeep import sniff as sniffing
 
 VGG = "torchvision:vgg16"
 VGG_WEIGHTS = "IMAGENET1K_V1"
@@ -161,7 +162,7 @@ class Demo:
 
         entry = pretrained.resolve(VGG, VGG_WEIGHTS)
         local = pretrained.local_source(VGG, VGG_WEIGHTS, self.weights_path)
-        if local is not None and self.weights_path is not None and api.sniff(local) != "safetensors":
+        if local is not None and self.weights_path is not None and sniffing.sniff(local) != "safetensors":
             pretrained.fetch(entry, local)  # hash-checked and cached in modelkeep format once
         named = local is not None
         with self.status("building vgg16"), _timed() as ours:

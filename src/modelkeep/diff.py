@@ -13,6 +13,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from modelkeep import api, engine, format
+from modelkeep import sniff as sniffing
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,7 +95,7 @@ class _Source:
 
 def open_source(path: str) -> _Source:
     """A lazy view of a safetensors/modelkeep file, or an eager one of anything else readable."""
-    if os.path.isfile(path) and api.sniff(path) == "safetensors":
+    if os.path.isfile(path) and sniffing.sniff(path) == "safetensors":
         header = api.open_header(path)
         by_name = dict(header.entries)
         for alias, target in header.aliases.items():

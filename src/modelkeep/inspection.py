@@ -100,7 +100,7 @@ def inspect(path: str | os.PathLike[str]) -> FileInfo:
     decoded = {
         key: header.modelkeep_value(key)
         for key in header.metadata
-        if key.startswith(format.PREFIX) and key != format.KEY_HASHES
+        if key.startswith(format.PREFIX) and key not in (format.KEY_HASHES, format.KEY_STATE)
     }
     return FileInfo(
         path=path,

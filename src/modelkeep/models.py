@@ -17,6 +17,7 @@ from typing import Any, Mapping
 import torch
 
 from modelkeep import api, engine, errors, format
+from modelkeep import sniff as sniffing
 from modelkeep.arch import factories, graph, modules, rebuild, records, verify
 
 STRATEGIES = records.STRATEGIES
@@ -333,7 +334,7 @@ def load(
     """
     path = os.fspath(path)
     trust = factories.check_trust_names(trust)
-    if api.sniff(path) != "safetensors":
+    if sniffing.sniff(path) != "safetensors":
         return _load_legacy(path, device=device, trust=trust)
     header = format.read_header_file(path)
     if header.kind != "model":

@@ -23,6 +23,7 @@ from typing import Any, Iterator, Mapping
 import torch
 
 from modelkeep import api, download, errors
+from modelkeep import sniff as sniffing
 
 CACHE_ENV = "MODELKEEP_CACHE"
 MIRROR_ENV = "MODELKEEP_WEIGHTS_MIRROR"
@@ -288,7 +289,7 @@ def fetch(
             source = os.fspath(path)
             if not os.path.isfile(source):
                 raise errors.StorageError("no such file", path=source, fix="check the weights path")
-            if api.sniff(source) == "safetensors":
+            if sniffing.sniff(source) == "safetensors":
                 return source  # already in the safe format: read it in place
             _convert(source, cached, entry, check_hash(source, entry, source="file given as path"))
             return cached

@@ -17,28 +17,15 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
-from modelkeep import engine, errors, format, legacy
+from modelkeep import engine, errors, format
+from modelkeep import sniff as sniffing
 
 INDEX_NAMES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 SINGLE_NAMES = ("model.safetensors", "pytorch_model.bin")
 MAX_INDEX_BYTES = 64 << 20
 
 
-def sniff(path: str | os.PathLike[str]) -> str:
-    """``"folder"``, ``"index"``, ``"safetensors"``, ``"zip"``, ``"tar"`` or ``"pickle"``."""
-    path = os.fspath(path)
-    if os.path.isdir(path):
-        return "folder"
-    if path.endswith(".index.json"):
-        return "index"
-    kind = legacy.sniff(path)  # raises StorageError for missing or unreadable files
-    if kind in ("zip", "tar"):
-        return kind
-    with open(path, "rb") as stream:
-        head = stream.read(9)
-    if kind == "pickle" and head[8:9] != b"{":  # a safetensors length can start like a pickle
-        return kind
-    return "safetensors"  # the safetensors reader says precisely what is wrong with anything else
+sniff = sniffing.sniff  # one answer for every reader: see modelkeep.sniff
 
 
 # ---------------------------------------------------------------------------------------------
@@ -192,6 +179,8 @@ def open_source(
         return ShardedSource(path, trust=trust, on_unknown=on_unknown)
     if kind == "safetensors":
         return SafetensorsSource(path)
+    from modelkeep import legacy  # imported on first use: keeps `import modelkeep` light
+
     return legacy.open_weights(path, trust=trust, on_unknown=on_unknown)
 
 
@@ -229,6 +218,8 @@ def read(
             if read_state is not None:
                 return read_state(path, header)
         return source.tensors()
+    from modelkeep import legacy
+
     return legacy.read(path, trust=trust, on_unknown=on_unknown)
 
 

@@ -258,7 +258,8 @@ class Checkpointer:
         job = writer.Job(f"step {step} ({path})", run, cleanup, lambda: self._apply_retention(step))
         self._writer.submit(job)
         if not self.async_save:
-            self._writer.wait_for(job)  # committed; old checkpoints are removed in the background
+            self._writer.wait_for(job)  # committed: the failure of this save is raised here
+            self._writer.wait()  # and retention applied, so steps() is final when save returns
         return path
 
     def _apply_retention(self, committed: int) -> None:

@@ -14,12 +14,11 @@ import os
 from typing import Any
 
 from modelkeep import errors
+from modelkeep import sniff as sniffing
 from modelkeep.legacy import containers, graph, tensors, trusted, vm
 from modelkeep.legacy.limits import DEFAULT_LIMITS, Limits
 from modelkeep.legacy.policy import REFS, VALUES, Offence, Policy, Sighting, StorageProvider
 
-ZIP_MAGICS = (b"PK\x03\x04", b"PK\x05\x06")
-PICKLE_STARTS = frozenset(b"(}])cNILSVFXKJMUTGl")
 
 
 @dataclasses.dataclass
@@ -37,22 +36,8 @@ class Contents:
 
 def sniff(path: str) -> str | None:
     """``"zip"``, ``"tar"``, ``"pickle"`` or None from a file's first bytes."""
-    try:
-        with open(path, "rb") as stream:
-            head = stream.read(512)
-    except FileNotFoundError as e:
-        raise errors.StorageError("no such file", path=path, fix="check the path") from e
-    except IsADirectoryError as e:
-        raise errors.StorageError("is a folder, not a file", path=path, fix="name a file") from e
-    except OSError as e:
-        raise errors.StorageError(f"cannot read: {e.strerror or e}", path=path, fix="check the file") from e
-    if head[:4] in ZIP_MAGICS:
-        return "zip"
-    if len(head) >= 262 and head[257:262] == b"ustar":
-        return "tar"
-    if head[:1] == b"\x80" and len(head) > 1 and head[1] <= 5 or (head[:1] and head[0] in PICKLE_STARTS):
-        return "pickle"
-    return None
+    kind = sniffing.kind_of_head(sniffing.read_head(path))
+    return kind if kind in ("zip", "tar", "pickle") else None
 
 
 class _Context:

@@ -14,6 +14,7 @@ from typing import Any, Iterator, Mapping
 import torch
 
 from modelkeep import errors
+from modelkeep import sniff as sniffing
 from modelkeep.predict import preprocess
 from modelkeep.predict import spec as spec_module
 
@@ -82,7 +83,7 @@ def _resolve_model(
         from modelkeep import api, models
 
         path = os.fspath(model_or_path)
-        stored = spec_module.read(path) if api.sniff(path) == "safetensors" else None  # torch.save files have none
+        stored = spec_module.read(path) if sniffing.sniff(path) == "safetensors" else None  # torch.save files have none
         model = models.load(path, device=device)
         return model, explicit or stored or spec_module.attached(model)
     raise errors.UnsupportedValueError(
