@@ -13,10 +13,9 @@ from typing import Callable, Iterator
 import click
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
 from rich.table import Table
 
-from modelkeep import errors
+from modelkeep import errors, progress
 
 EXIT_OK, EXIT_FINDINGS, EXIT_UNREADABLE = 0, 1, 2
 PROGRESS_MIN_BYTES = 256 * 1024 * 1024  # below this an operation takes well under a second
@@ -37,20 +36,15 @@ def human_bytes(count: int) -> str:
 @contextlib.contextmanager
 def byte_progress(description: str, total: int) -> Iterator[Callable[[int], None] | None]:
     """A progress bar for operations over about a second; a no-op callback for small ones."""
-    if total < PROGRESS_MIN_BYTES or not error_console.is_terminal:
+    if total < PROGRESS_MIN_BYTES:
         yield None
         return
-    with Progress(
-        "[progress.description]{task.description}",
-        BarColumn(),
-        DownloadColumn(),
-        TransferSpeedColumn(),
-        TimeRemainingColumn(),
-        console=error_console,
-        transient=True,
-    ) as bar:
-        task = bar.add_task(description, total=total)
-        yield lambda n: bar.advance(task, n)
+    with progress.byte_bar(description, total, error_console) as shown:
+        if shown is None:
+            yield None
+        else:
+            bar, task = shown
+            yield lambda n: bar.advance(task, n)
 
 
 def fail(error: errors.ModelkeepError) -> None:

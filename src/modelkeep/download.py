@@ -37,25 +37,17 @@ class _Incomplete(Exception):
 @contextlib.contextmanager
 def _progress_bar(enabled: bool, label: str) -> Iterator[Callable[[int | None, int], None]]:
     """``update(total, completed)``; a rich bar on an interactive stderr, silent otherwise."""
-    from rich.console import Console
+    from modelkeep import progress
 
-    console = Console(stderr=True)
-    if not enabled or not console.is_terminal:
+    if not enabled:
         yield lambda total, completed: None
         return
-    from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
-
-    with Progress(
-        "[progress.description]{task.description}",
-        BarColumn(),
-        DownloadColumn(),
-        TransferSpeedColumn(),
-        TimeRemainingColumn(),
-        console=console,
-        transient=True,
-    ) as bar:
-        task = bar.add_task(label, total=None)
-        yield lambda total, completed: bar.update(task, total=total, completed=completed)
+    with progress.byte_bar(label, None) as shown:
+        if shown is None:
+            yield lambda total, completed: None
+        else:
+            bar, task = shown
+            yield lambda total, completed: bar.update(task, total=total, completed=completed)
 
 
 def _content_range_start(value: str | None) -> int | None:

@@ -37,7 +37,6 @@ EMPTY_DIGEST = xxhash.xxh3_128_hexdigest(b"")
 CHUNK_BYTES = 16 * 1024 * 1024  # bytes per preadv call
 MIN_STREAM_BYTES = 32 * 1024 * 1024  # below this a second reader thread costs more than it gives
 READ_ADVICE = "sequential"  # posix_fadvise for each reader's descriptor: sequential/normal/random
-READ_METHOD = "preadv"  # or "mmap": copy from a mapping of the file (measured against preadv)
 IOV_MAX = 1024  # Linux's limit on buffers per preadv/writev call
 WRITE_CHUNK_BYTES = 1024 * 1024  # bytes per write call: below 2 MB (see the module docstring)
 HASH_CHUNK_BYTES = 16 * 1024 * 1024  # a large tensor is hashed on the side in pieces of this size
@@ -47,11 +46,12 @@ TEMP_SUFFIX = ".mk-tmp"
 
 
 def io_threads() -> int:
-    """Reads in flight. Warm reads are bound by memory bandwidth, cold ones by queue depth."""
+    """Reads in flight (``MODELKEEP_IO_THREADS`` overrides). Cold reads are bound by the disk's
+    queue depth, not by cores, so even a 2-core machine gets 8; warm ones did not care."""
     configured = os.environ.get("MODELKEEP_IO_THREADS")
     if configured and configured.isdigit() and int(configured) > 0:
         return int(configured)
-    return max(4, min(8, 2 * (os.cpu_count() or 1)))
+    return 8
 
 
 def new_hasher() -> "xxhash.xxh3_128":
@@ -226,9 +226,6 @@ def _open_for_reading(path: str) -> int:
 def _read_run(path: str, run: list[_Call], progress: Callable[[int], None] | None) -> None:
     fd = _open_for_reading(path)
     try:
-        if READ_METHOD == "mmap":
-            _copy_run_from_mmap(fd, run, progress)
-            return
         for offset, buffers, size in run:
             buffers = [direct_buffer(b) if isinstance(b, torch.Tensor) else b for b in buffers]
             _preadv_exactly(fd, buffers, offset, path, size)
@@ -236,27 +233,6 @@ def _read_run(path: str, run: list[_Call], progress: Callable[[int], None] | Non
                 progress(size)
     finally:
         os.close(fd)
-
-
-def _copy_run_from_mmap(fd: int, run: list[_Call], progress: Callable[[int], None] | None) -> None:
-    """Experimental alternative to preadv: map the run's range and copy with numpy (GIL released)."""
-    low = run[0][0] - run[0][0] % mmap.ALLOCATIONGRANULARITY
-    high = run[-1][0] + run[-1][2]
-    with mmap.mmap(fd, high - low, offset=low, access=mmap.ACCESS_READ) as mapped:
-        source = np.frombuffer(mapped, dtype=np.uint8)
-        try:
-            for offset, buffers, size in run:
-                position = offset - low
-                for buffer in buffers:
-                    target = np.frombuffer(
-                        direct_buffer(buffer) if isinstance(buffer, torch.Tensor) else buffer, dtype=np.uint8
-                    )
-                    np.copyto(target, source[position : position + target.nbytes])
-                    position += target.nbytes
-                if progress is not None:
-                    progress(size)
-        finally:
-            del source
 
 
 def _read_staged(
@@ -592,7 +568,7 @@ def remove_stale_temps(path: str) -> list[str]:
             continue
         if not all(c in "0123456789abcdef" for c in token):
             continue
-        if _process_alive(int(pid_text)):
+        if process_alive(int(pid_text)):
             continue
         with contextlib.suppress(OSError):
             os.unlink(os.path.join(folder, candidate))
@@ -600,7 +576,8 @@ def remove_stale_temps(path: str) -> list[str]:
     return removed
 
 
-def _process_alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether a save by process ``pid`` may still be writing its temporary file."""
     if pid == os.getpid():
         return True
     try:

@@ -27,6 +27,7 @@ __all__ = [
     "StorageError",
     "UnsafeContentError",
     "UnsupportedValueError",
+    "reading_failed",
 ]
 
 
@@ -89,3 +90,14 @@ class UnsupportedValueError(ModelkeepError, TypeError):
 
 class StorageError(ModelkeepError, OSError):
     """Reading or writing bytes failed in the file system or object store."""
+
+
+def reading_failed(e: OSError, path: str) -> StorageError:
+    """The StorageError for an OSError met while opening or reading ``path``."""
+    if isinstance(e, FileNotFoundError):
+        return StorageError("no such file", path=path, fix="check the path; save the file first")
+    if isinstance(e, IsADirectoryError):
+        return StorageError("is a folder, not a file", path=path, fix="name a file")
+    if isinstance(e, PermissionError):
+        return StorageError("permission denied", path=path, fix="check the file's permissions")
+    return StorageError(f"cannot read: {e.strerror or e}", path=path, fix="check the path and the disk")

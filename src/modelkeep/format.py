@@ -361,18 +361,10 @@ def read_header_file(path: str | os.PathLike[str]) -> Header:
         with open(path, "rb") as stream:
             size = os.fstat(stream.fileno()).st_size
             return read_header(stream, path=path, file_size=size)
-    except FileNotFoundError as e:
-        raise errors.StorageError(
-            "no such file", path=path, fix="check the path; save the file first"
-        ) from e
-    except IsADirectoryError as e:
-        raise errors.StorageError("is a folder, not a file", path=path, fix="name a file") from e
-    except PermissionError as e:
-        raise errors.StorageError("permission denied", path=path, fix="check file permissions") from e
     except OSError as e:
-        raise errors.StorageError(
-            f"cannot read: {e.strerror or e}", path=path, fix="check the path and the disk"
-        ) from e
+        if isinstance(e, errors.ModelkeepError):
+            raise
+        raise errors.reading_failed(e, path) from e
 
 
 @dataclasses.dataclass(frozen=True)

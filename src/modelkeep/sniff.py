@@ -34,14 +34,8 @@ def read_head(path: str) -> bytes:
     try:
         with open(path, "rb") as stream:
             return stream.read(HEAD_BYTES)
-    except FileNotFoundError as e:
-        raise errors.StorageError("no such file", path=path, fix="check the path") from e
-    except IsADirectoryError as e:
-        raise errors.StorageError("is a folder, not a file", path=path, fix="name a file") from e
     except OSError as e:
-        raise errors.StorageError(
-            f"cannot read: {e.strerror or e}", path=path, fix="check the path and its permissions"
-        ) from e
+        raise errors.reading_failed(e, path) from e
 
 
 def sniff(path: str | os.PathLike[str]) -> str:

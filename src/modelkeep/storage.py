@@ -51,18 +51,6 @@ def temp_owner_pid(name: str) -> int | None:
     return int(pid_text) if pid_text.isdigit() else None
 
 
-def process_alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def storage_error(e: BaseException, path: str, action: str) -> errors.StorageError:
     """A StorageError for an OSError (or an fsspec failure) while ``action`` on ``path``."""
     if isinstance(e, errors.StorageError):
@@ -118,7 +106,7 @@ class Storage(abc.ABC):
         removed = []
         for name in self.list_names(folder):
             pid = temp_owner_pid(name)
-            if pid is None or process_alive(pid):
+            if pid is None or engine.process_alive(pid):
                 continue
             with contextlib.suppress(errors.StorageError):
                 self.delete(self.join(folder, name))
