@@ -197,3 +197,15 @@ def test_adversarial_corpus_every_gadget_is_flagged(tmp_path) -> None:
         elif case.expect == "unsafe":  # unknown, not known-dangerous globals
             assert outcome["verdicts"] != ["safe"], outcome
     assert not marker.exists()
+
+
+def test_shard_index_naming_files_outside_its_folder_is_unreadable(tmp_path) -> None:
+    folder = tmp_path / "sharded"
+    folder.mkdir()
+    mk.save_weights({"w": torch.ones(2)}, folder / "model-00001-of-00001.safetensors")
+    index = {"metadata": {"total_size": 8}, "weight_map": {"w": "../../outside.safetensors"}}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    results = {os.path.basename(r.path): r for r in scan.scan(folder)}
+    assert results["model.safetensors.index.json"].verdict == "unreadable"
+    assert results["model-00001-of-00001.safetensors"].verdict == "safe"
+    assert scan.exit_code(list(results.values())) == 2

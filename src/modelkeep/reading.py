@@ -65,7 +65,7 @@ class ShardedSource:
     def __init__(self, index_path: str, *, trust: Iterable[str] | str, on_unknown: str) -> None:
         self.path = index_path
         folder = os.path.dirname(index_path)
-        weight_map = _weight_map(index_path)
+        weight_map = index_weight_map(index_path)
         self.shards: dict[str, Any] = {}
         self._entries: dict[str, Any] = {}
         self._owner: dict[int, Any] = {}
@@ -109,7 +109,8 @@ class ShardedSource:
         return out
 
 
-def _weight_map(index_path: str) -> dict[str, str]:
+def index_weight_map(index_path: str) -> dict[str, str]:
+    """The validated ``weight_map`` of a sharded checkpoint's index (shards stay in its folder)."""
     try:
         with open(index_path, "rb") as stream:
             raw = stream.read(MAX_INDEX_BYTES + 1)

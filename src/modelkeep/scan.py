@@ -114,7 +114,7 @@ def classify(module: str, name: str, meaning: str) -> str:
 
 
 def scan_file(path: str) -> FileScan:
-    """Scan one file of any supported container."""
+    """Scan one file of any supported container (or a sharded checkpoint's index)."""
     from modelkeep import reading
     from modelkeep.legacy import loader, policy
 
@@ -122,6 +122,12 @@ def scan_file(path: str) -> FileScan:
         kind = reading.sniff(path)
     except errors.ModelkeepError as e:
         return FileScan(path, "unknown", error=str(e))
+    if kind == "index":  # shard names that leave the folder are refused by every reader
+        try:
+            reading.index_weight_map(path)
+        except errors.ModelkeepError as e:
+            return FileScan(path, "shard index", error=str(e))
+        return FileScan(path, "shard index")
     if kind == "safetensors":
         return _scan_safetensors(path)
     if kind == "zip" and not _is_torch_zip(path):
@@ -236,7 +242,7 @@ MODEL_EXTENSIONS = frozenset(
 def _looks_like_model(path: str) -> bool:
     """In folders: files with a model extension, or whose first bytes are a model format (a
     protocol 2+ pickle, a zip, a safetensors header); config and text files are skipped."""
-    if os.path.splitext(path)[1].lower() in MODEL_EXTENSIONS:
+    if os.path.splitext(path)[1].lower() in MODEL_EXTENSIONS or path.endswith(".index.json"):
         return True
     try:
         with open(path, "rb") as stream:
