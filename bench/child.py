@@ -142,11 +142,16 @@ def _one_mapping(low: int, high: int) -> bool:
 
 def apply_options(options: dict[str, Any]) -> None:
     """Engine variants for the engine experiments: ``modelkeep:threads=8,chunk=4M`` sets the
-    reader threads and ``engine.CHUNK_BYTES``; any other key sets the engine constant of that
-    name (``read_advice=random`` -> ``engine.READ_ADVICE``)."""
+    reader threads and ``engine.CHUNK_BYTES``; ``fsync=0`` makes os.fsync a no-op (to show what
+    durability costs); any other key sets the engine constant of that name
+    (``read_advice=random`` -> ``engine.READ_ADVICE``)."""
     for key, value in options.items():
         if key == "threads":
             os.environ["MODELKEEP_IO_THREADS"] = str(value)
+            continue
+        if key == "fsync":  # diagnostic: the save without its durability (never a product mode)
+            if str(value) == "0":
+                os.fsync = lambda fd: None  # type: ignore[assignment]
             continue
         name = "CHUNK_BYTES" if key == "chunk" else key.upper()
         if not hasattr(engine, name):
@@ -307,7 +312,7 @@ def main(spec: dict[str, Any]) -> dict[str, Any]:
     result: dict[str, Any] = {"pid": os.getpid()}
 
     if op == "load" and contender == "raw":
-        run, keep = raw_read(spec["files"]["mk"])
+        run, _buffer = raw_read(spec["files"]["mk"])
         lazy = False
         model = None
     else:
@@ -316,15 +321,13 @@ def main(spec: dict[str, Any]) -> dict[str, Any]:
             run, lazy = load_op(contender, model, spec["files"])
         else:
             workloads.pattern(model)
-            tied = bool(workloads.model_bytes(model) != sum(
-                t.numel() * t.element_size() for t in model.state_dict().values()
-            ))
+            tied = len(distinct_tensors(model)) != len(model.state_dict())
             run, lazy = save_op(contender, model, spec["out"], tied), False
     clock = FsyncClock() if op == "save" else None
     gc.collect()
     rss = PeakRss()
     started = time.perf_counter()
-    run()
+    returned = run()
     called = time.perf_counter()
     if lazy:
         touch_pages(model)
@@ -341,10 +344,15 @@ def main(spec: dict[str, Any]) -> dict[str, Any]:
     if op == "load" and model is not None:
         result["ok"], result["check"] = check_values(model, spec["files"]["mk"])
     elif op == "save":
-        result["ok"] = os.path.exists(spec["out"]) and os.path.getsize(spec["out"]) > 0
-        result["check"] = f"{os.path.getsize(spec['out']) if result['ok'] else 0} bytes written"
+        size = os.path.getsize(spec["out"]) if os.path.exists(spec["out"]) else 0
+        result["ok"], result["check"] = size > 0, f"{size} bytes written"
+        if contender == "modelkeep" and size:
+            report = modelkeep.verify(spec["out"])
+            result["ok"] = not report.mismatched and not report.unhashed
+            result["check"] += f", digests {'verified' if result['ok'] else 'WRONG'}"
     else:
-        result["ok"], result["check"] = True, "raw read"
+        size = os.path.getsize(spec["files"]["mk"])
+        result["ok"], result["check"] = returned == size, f"read {returned} of {size} bytes"
     return result
 
 

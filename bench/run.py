@@ -27,7 +27,8 @@ from bench import cache, report
 
 WORKLOADS = ("vgg16", "gpt2", "small", "big")
 LOAD_CONTENDERS = ("modelkeep", "safetensors", "torch-mmap", "torch", "raw")
-SAVE_CONTENDERS = ("modelkeep", "safetensors", "torch", "raw", "raw+fsync", "raw-whole")
+NO_DURABILITY = "modelkeep:fsync=0;writeback_bytes=0"  # diagnostic: the save minus its durability
+SAVE_CONTENDERS = ("modelkeep", NO_DURABILITY, "safetensors", "torch", "raw", "raw+fsync", "raw-whole")
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 
@@ -79,9 +80,11 @@ def reads_from(contender: str, files: dict[str, str]) -> str:
 
 
 def set_cache(path: str, state: str) -> float:
-    if state == "cold":
-        cache.evict(path)
-    elif cache.residency(path) < 0.999:
+    """Cold: evicted. Warm: evicted, then read once sequentially, so every warm run finds the
+    same page cache (how the pages got there, e.g. the folio sizes readahead chose, changes how
+    fast they can be mapped and copied: left to the previous run, it favoured some readers)."""
+    cache.evict(path)
+    if state == "warm":
         cache.warm(path)
     return cache.residency(path)
 
