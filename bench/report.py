@@ -196,6 +196,14 @@ def render(machine: dict[str, Any], workloads: dict[str, Any], results: list[dic
         "weight bytes during the call, so its time includes one pass touching every 4 KB page of the weights "
         "(what the first forward pass would pay); its call alone is shown in brackets.",
         "",
+        "Saves write a new file each run (deleted afterwards, with its dirty pages). save_weights is durable: "
+        "it fsyncs before its atomic rename and starts disk writeback while it writes, so the disk's time is "
+        "inside its total; raw write, torch.save and save_file leave the bytes in the page cache. The "
+        "like-for-like reference is therefore `raw write + fsync`; the diagnostic row (fsync and early "
+        "writeback off) shows what the save costs apart from waiting for the disk. The raw write uses 1 MB "
+        "write calls, the fastest pattern here; `raw writev of whole tensors` shows what larger calls cost "
+        "on this machine.",
+        "",
         "## Targets (issue 2)",
         "",
         *target_rows(workloads, results),

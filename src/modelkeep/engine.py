@@ -1,11 +1,12 @@
 """Moving bytes between files and tensor memory.
 
 Reading fills the destination tensors' own memory (a model's parameters), never a private copy.
-When the file's pages are in the page cache (mincore on 64 sampled pages), each of one thread per
-core copies its share of the file from a read-only mapping with numpy (the GIL is released), 4 MB
-at a time, dropping each copied window from the mapping again (MADV_DONTNEED: the page cache
-keeps it), so the process's RSS grows by a few MB, not by the file. Otherwise 8 reader threads
-each ``os.preadv`` their own contiguous run of the file on their own descriptor (advised
+When the file's pages are in the page cache (mincore on 64 sampled pages), one thread per core
+fills its share of the file: a piece whose file offset and destination address agree modulo 32
+with ``os.preadv`` (the kernel's copy), any other from a read-only mapping with numpy (the GIL is
+released), 4 MB at a time, dropping each copied window from the mapping again (MADV_DONTNEED:
+the page cache keeps it), so the RSS grows by a few MB, not by the file. Otherwise 8 reader
+threads each preadv their own contiguous run of the file on their own descriptor (advised
 sequential), so the kernel keeps 8 readahead streams in flight. Either way one system call
 scatters a run of up to 1,024 consecutive small tensors. Destinations that cannot take raw bytes
 (another dtype or device, non-contiguous) get a staging buffer and one ``copy_``.
@@ -18,13 +19,18 @@ a crash leaves the old file or the new one.
 Measured with ``python -m bench.run`` (fresh process per operation, rounds interleaved, medians of
 per-round ratios; bench/RESULTS.md) on a shared 2-core VM, kernel 6.18:
 
-* Warm: copying from a mapping beat preadv (vgg16 0.062 s against 0.076 s; 20,000 small tensors
-  0.30 s against 0.52 s with fewer threads). The kernel's copy to user memory reaches ~7 GB/s
-  here, a user-space copy ~14 GB/s on 2 cores (~20 GB/s for single copies over ~200 MB, where
-  glibc switches to non-temporal stores: not worth mapping a whole tensor into the RSS). Reader
-  threads 1-16 made no difference warm. Cost: a file truncated in place during those
-  milliseconds kills the process with SIGBUS, as it does safetensors' and torch's mmap loaders
-  (modelkeep's own saves replace files by rename and never truncate them);
+* Warm, the kernel's copy into user memory runs at 11 GB/s when file offset and destination
+  agree modulo 32 or 64 and at 3-9 GB/s when not (offset +8: 2.9, +16: 5.3, +40: 8.6 GB/s); a
+  numpy copy from a mapping ran at 10-11 GB/s at any offset. safetensors files, and so
+  modelkeep's, align tensors to 8 bytes only: vgg16's are all at +40, and copying its misaligned
+  pieces from the mapping took 0.070 s against 0.081 s with preadv alone (6 rounds; 0.062
+  against 0.076 in 5 earlier ones), while gpt2's (+32) were equal. Copies of 200 MB or more
+  would get glibc's non-temporal stores (20 GB/s instead of 14 GB/s on 2 threads) but would put
+  200 MB of mapping into the RSS. Warm, 1-16 reader threads made no difference to preadv; with
+  20,000 small tensors 2 threads beat 8 (0.30 s against 0.52 s: the per-tensor Python work
+  fights over the GIL). The mapping's cost: a file truncated in place during those milliseconds
+  kills the process with SIGBUS, as it does safetensors' and torch's mmap loaders (the size is
+  checked first; modelkeep's own saves replace files by rename, never truncate them);
   MODELKEEP_READ_METHOD=preadv avoids it.
 * Cold: 8 readers on their own descriptors took 0.50x the time of 4 tasks sharing one
   descriptor (vgg16; 1 reader 2.7x); 4, 8 and 16 were equal on gpt2 (1.6-1.9 GB/s, about twice
