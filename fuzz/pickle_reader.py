@@ -22,6 +22,7 @@ import torch  # imported before instrumentation: only modelkeep's own code is in
 
 with atheris.instrument_imports(include=["modelkeep"]):
     from modelkeep import errors, legacy
+    from modelkeep.options import ReadOptions
 
 SCRATCH = os.path.join(tempfile.gettempdir(), f"modelkeep-fuzz-pickle-{os.getpid()}")
 
@@ -64,7 +65,7 @@ def _try(data: bytes, suffix: str, reader) -> None:
 
 
 def test_one_input(data: bytes) -> None:
-    _try(data, ".pt", lambda p: legacy.read(p, on_unknown="placeholder"))
+    _try(data, ".pt", lambda p: legacy.read(p, options=ReadOptions(on_unknown="placeholder")))
     _try(_as_zip(data), ".zip.pt", lambda p: legacy.read(p))
     _try(_as_zip(data), ".zip.pt", legacy.read_state_dict)
 

@@ -23,8 +23,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import modelkeep as mk
-from modelkeep import api, engine, format, storage
-from modelkeep.checkpoint import files, tree
+from modelkeep import engine, format, storage, weights
+from modelkeep.checkpoint import files
+from modelkeep.sources import state_tree as tree
 
 # ------------------------------------------------------------------------------------------
 # Helpers
@@ -61,7 +62,7 @@ def round_trip(value: Any) -> Any:
 
 def write_checkpoint(path: Path, state_json: Any, tensors: dict[str, torch.Tensor] | None = None,
                      raw: str | None = None) -> None:
-    metadata = api.modelkeep_metadata("checkpoint", {})
+    metadata = weights.modelkeep_metadata("checkpoint", {})
     metadata[format.KEY_STATE] = raw if raw is not None else json.dumps(state_json)
     engine.write_file(str(path), list((tensors or {}).items()), metadata)
 
@@ -261,7 +262,7 @@ def dead_pid() -> int:
 
 
 def test_storage_contract(location: str, tmp_path: Path) -> None:
-    store, folder = storage.open_storage(location)
+    store, folder = storage.resolve(location)
     assert store.list_names(folder) == []
     store.makedirs(folder)
     tensors = [("a", torch.arange(6, dtype=torch.float32).reshape(2, 3)), ("b", torch.tensor(7))]

@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import modelkeep as mk
-from modelkeep import api, errors, format
+from modelkeep import errors, format, reading
 from modelkeep import sniff as sniffing
 
 from _helpers_weights import ALL_DTYPES, assert_same, bits, entry, file_bytes, write
@@ -307,4 +307,4 @@ def test_torch_save_files_are_named_as_such(tmp_path):
     assert sniffing.sniff(str(legacy)) == "pickle"
     for path in (zipped, legacy):
         with pytest.raises(errors.FormatError, match="torch.save"):
-            api.open_header(path)  # the safetensors reader says what the file is instead
+            reading.read_header(path)  # the safetensors reader says what the file is instead

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import modelkeep as mk
-from modelkeep import api, errors, format
+from modelkeep import api, errors, format, reading
 
 from _helpers_weights import entry, file_bytes, write
 
@@ -33,7 +33,7 @@ class _Tied(nn.Module):
 
 READERS: dict[str, Callable[[str], Any]] = {
     "read_header_file": format.read_header_file,
-    "open_header": api.open_header,
+    "open_header": reading.read_header,
     "inspect": mk.inspect,
     "verify": mk.verify,
     "load_state_dict": mk.load_state_dict,

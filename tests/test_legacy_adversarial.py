@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 
 import modelkeep as mk
 from modelkeep import errors, legacy
+from modelkeep.options import ReadOptions, read_options
 from modelkeep.legacy import graph, policy, trusted, vm
 
 import adversarial
@@ -191,7 +192,7 @@ def test_placeholders_rescue_tensors_and_stay_inert(tmp_path):
 def test_limits_are_enforced(tmp_path, limits, data, match):
     path = write_pickle(tmp_path, data)
     with pytest.raises(errors.FormatError, match=match):
-        legacy.read(path, limits=limits)
+        legacy.read(path, options=ReadOptions(limits=limits))
 
 
 def run_machine(data: bytes) -> object:

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 import modelkeep as mk
-from modelkeep import errors, format, legacy, reading
+from modelkeep import errors, format, legacy, reading, storage
 from modelkeep.legacy import statedict
 from test_legacy_support import same
 
@@ -160,18 +160,16 @@ def test_safetensors_files_keep_their_path(tmp_path, monkeypatch):
     assert mk.load_weights(fresh, path).ok and equal_models(fresh, model)
 
 
-def test_checkpoint_files_go_to_the_checkpoint_reader(tmp_path, monkeypatch):
+def test_checkpoint_files_read_as_their_state(tmp_path):
     path = str(tmp_path / "c.safetensors")
-    metadata = {format.KEY_STATE: format.dumps({"w": {"tensor": "w"}})}
-    from modelkeep import engine
-
+    state = {"version": 1, "tree": {"w": {"$tensor": "w"}, "step": 3}}
     base = {format.KEY_FORMAT: format.dumps("1"), format.KEY_KIND: format.dumps("checkpoint")}
-    engine.write_file(path, [("w", torch.ones(2))], {**base, **metadata})
-    calls = []
-    monkeypatch.setattr(reading, "_checkpoint_reader", lambda: lambda p, h: calls.append((p, h.kind)) or "state")
-    assert mk.read(path) == "state" and calls == [(path, "checkpoint")]
-    monkeypatch.setattr(reading, "_checkpoint_reader", lambda: None)  # no checkpoint reader: flat tensors
-    assert torch.equal(mk.read(path)["w"], torch.ones(2))
+    storage.LOCAL.write_tensor_file(path, [("w", torch.ones(2))], {**base, format.KEY_STATE: format.dumps(state)})
+    data = mk.read(path)
+    assert set(data) == {"w", "step"} and data["step"] == 3 and torch.equal(data["w"], torch.ones(2))
+    flat = str(tmp_path / "w.safetensors")  # a weights file reads as its flat state dict
+    mk.save_weights({"w": torch.ones(2)}, flat)
+    assert torch.equal(mk.read(flat)["w"], torch.ones(2))
 
 
 def test_legacy_weights_interface(tmp_path):

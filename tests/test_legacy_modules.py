@@ -11,6 +11,7 @@ from torch import nn
 
 import modelkeep as mk
 from modelkeep import errors, legacy
+from modelkeep.options import ReadOptions, read_options
 from test_legacy_support import same
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore:.*enable_nested_tensor.*:UserWarning")
@@ -113,7 +114,7 @@ def test_user_class_is_refused_then_trusted_or_rescued(tmp_path):
     assert "byte" in str(caught.value) and "trust=" in str(caught.value)
 
     check_module(mk.read(path, trust=[Net.__module__]), model, torch.randn(1, 3, 8, 8))
-    check_module(legacy.read_module(path, trust=f"{Net.__module__}.Net"), model, torch.randn(1, 3, 8, 8))
+    check_module(legacy.read_module(path, options=read_options(f"{Net.__module__}.Net")), model, torch.randn(1, 3, 8, 8))
 
     rescued = mk.read(path, on_unknown="placeholder")
     assert isinstance(rescued, legacy.Placeholder) and rescued.qualname == f"{Net.__module__}.Net"

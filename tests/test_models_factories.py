@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 import modelkeep as mk
-from modelkeep import api, engine, format, models
+from modelkeep import api, engine, format, models, reading
 from modelkeep.arch import factories, rebuild, records, verify
 
 
@@ -78,7 +78,7 @@ def test_registered_factory_roundtrip_and_kwargs(tmp_path) -> None:
         model = mk.create("tests.factories.seq")
         path = tmp_path / "m.mk"
         mk.save(model, path)
-        record = json.loads(api.open_header(path).metadata[format.KEY_ARCHITECTURE])
+        record = json.loads(reading.read_header(path).metadata[format.KEY_ARCHITECTURE])
         assert record["strategy"] == "factory" and record["factory"] == "tests.factories.seq"
         loaded = mk.load(path)
         assert torch.equal(loaded[0].weight, model[0].weight)
@@ -92,7 +92,7 @@ def test_torchvision_kwargs_are_recorded(tmp_path) -> None:
     model = mk.create("torchvision:squeezenet1_1", num_classes=5, dropout=0.25)
     path = tmp_path / "sq.mk"
     mk.save(model, path)
-    record = json.loads(api.open_header(path).metadata[format.KEY_ARCHITECTURE])
+    record = json.loads(reading.read_header(path).metadata[format.KEY_ARCHITECTURE])
     assert record["kwargs"] == {"num_classes": 5, "dropout": 0.25}
     loaded = mk.load(path)
     assert loaded.classifier[1].out_channels == 5 and loaded.classifier[0].p == 0.25
@@ -128,7 +128,7 @@ def _crafted_factory_file(tmp_path, factory: str) -> str:
     """A valid model file whose record names ``factory`` (it builds nn.Sequential(nn.Linear(2, 2)))."""
     source = tmp_path / "source.mk"
     mk.save(nn.Sequential(nn.Linear(2, 2)), source)
-    header = api.open_header(source)
+    header = reading.read_header(source)
     metadata = {k: v for k, v in header.metadata.items() if k != format.KEY_HASHES}
     metadata[format.KEY_ARCHITECTURE] = format.dumps(
         records.new_record("factory", factory=factory, kwargs={}, buffers={})

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 import modelkeep as mk
-from modelkeep import api, engine, format
+from modelkeep import api, engine, format, reading
 
 
 class GatedNet(nn.Module):
@@ -49,7 +49,7 @@ def gated(tmp_path_factory):
 
 def _rewrite_record(source, destination, change) -> None:
     """Write ``destination`` as ``source`` with its architecture record passed through ``change``."""
-    header = api.open_header(source)
+    header = reading.read_header(source)
     tensors = api.load_state_dict(source)
     metadata = {k: v for k, v in header.metadata.items() if k != format.KEY_HASHES}
     record = json.loads(metadata[format.KEY_ARCHITECTURE])
@@ -64,7 +64,7 @@ def _nodes(record) -> list[dict]:
 
 def test_graph_record_has_no_pickle_and_dynamic_batch(gated) -> None:
     model, path, _ = gated
-    header = api.open_header(path)
+    header = reading.read_header(path)
     record = json.loads(header.metadata[format.KEY_ARCHITECTURE])
     assert record["strategy"] == "graph"
     assert record["inputs"] == [{"tensor": "modelkeep.input.0", "dynamic": [0]}]

@@ -10,14 +10,14 @@ import torch
 from torch import nn
 
 import modelkeep as mk
-from modelkeep import api, format
+from modelkeep import format, reading
 from modelkeep.arch import modules, verify
 
 
 def _roundtrip(model: nn.Module, tmp_path) -> nn.Module:
     path = tmp_path / "tree.mk"
     mk.save(model, path)
-    record = json.loads(api.open_header(path).metadata[format.KEY_ARCHITECTURE])
+    record = json.loads(reading.read_header(path).metadata[format.KEY_ARCHITECTURE])
     assert record["strategy"] == "modules"
     loaded = mk.load(path)
     verify.check_same_structure(model, loaded, what="test")
@@ -128,7 +128,7 @@ def test_tied_weights_stay_tied(tmp_path) -> None:
     model = nn.ModuleDict({"embed": embed, "head": head})
     path = tmp_path / "tied.mk"
     mk.save(model, path)
-    assert api.open_header(path).aliases == {"head.weight": "embed.weight"}
+    assert reading.read_header(path).aliases == {"head.weight": "embed.weight"}
     for mapped in (False, True):
         loaded = mk.load(path, mmap=mapped)
         assert loaded["head"].weight is loaded["embed"].weight
@@ -141,7 +141,7 @@ def test_mapped_load_copies_what_it_cannot_map(tmp_path) -> None:
     model = nn.Sequential(nn.Embedding(3, 1).to(torch.bfloat16), nn.Linear(1, 2))
     path = tmp_path / "odd.mk"
     mk.save(model, path)
-    assert api.open_header(path).entries["1.weight"].begin % 4 != 0
+    assert reading.read_header(path).entries["1.weight"].begin % 4 != 0
     loaded = mk.load(path, mmap=True)
     for name, tensor in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[name], tensor)

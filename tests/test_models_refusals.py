@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import modelkeep as mk
-from modelkeep import api, engine, format
+from modelkeep import api, engine, format, reading
 from modelkeep.arch import records
 
 
@@ -100,7 +100,7 @@ def tree_file(tmp_path_factory):
 
 
 def _with_record(source, destination, record) -> str:
-    header = api.open_header(source)
+    header = reading.read_header(source)
     metadata = {k: v for k, v in header.metadata.items() if k != format.KEY_HASHES}
     if record is None:
         metadata.pop(format.KEY_ARCHITECTURE)

@@ -12,13 +12,13 @@ import torch
 from torch import nn
 
 import modelkeep as mk
-from modelkeep import api, format, models
+from modelkeep import api, format, models, reading
 
 BATCHES = (1, 3)
 
 
 def _record(path) -> dict:
-    return json.loads(api.open_header(path).metadata[format.KEY_ARCHITECTURE])
+    return json.loads(reading.read_header(path).metadata[format.KEY_ARCHITECTURE])
 
 
 def _same_outputs(
@@ -193,7 +193,7 @@ def test_inference_spec_is_stored_and_attached(tmp_path) -> None:
     assert models.read_inference(path) == spec
     loaded = mk.load(path)
     assert loaded._modelkeep_inference == spec
-    assert api.open_header(path).metadata["note"] == "kept"
+    assert reading.read_header(path).metadata["note"] == "kept"
 
     class Spec:
         def to_json(self) -> dict:
@@ -217,7 +217,7 @@ def test_create_with_named_weights_uses_the_pretrained_loader(tmp_path, monkeypa
     mk.save_weights(reference, weights_file)
     calls = []
 
-    def fake_load_named_weights(model, *, factory, weights, path=None):
+    def fake_load_named_weights(model, *, factory, weights, path=None, storage_options=None):
         calls.append((factory, weights, any(t.is_meta for t in model.parameters())))
         api.load_weights(model, weights_file)
         return {"labels": ["tench"]}

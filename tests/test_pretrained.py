@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import modelkeep as mk
-from modelkeep import api, download, errors, format, pretrained
+from modelkeep import download, errors, format, pretrained, reading
 
 FACTORY = "tests.tiny_mlp"
 
@@ -195,7 +195,7 @@ def test_download_converts_caches_and_loads(server: Server, tmp_path) -> None:
 
     cached = pretrained.cached_path(entry)
     assert cached == str(tmp_path / "mk-cache" / "weights" / name.replace(".pth", ".safetensors"))
-    header = api.open_header(cached)
+    header = reading.read_header(cached)
     assert header.kind == "weights"
     assert header.metadata["source_sha256"] == hashlib.sha256(data).hexdigest()
     assert header.metadata["source_url"] == server.url(name)
@@ -359,4 +359,4 @@ def test_cached_file_is_plain_safetensors(server: Server) -> None:
     pretrained.fetch(entry, progress=False)
     loaded = load_file(pretrained.cached_path(entry))
     assert set(loaded) == set(reference.state_dict())
-    assert format.KEY_KIND in api.open_header(pretrained.cached_path(entry)).metadata
+    assert format.KEY_KIND in reading.read_header(pretrained.cached_path(entry)).metadata

@@ -11,12 +11,11 @@ import dataclasses
 import json
 import os
 import re
-from typing import Mapping
+from typing import Any, Mapping
 
 import torch
 
-from modelkeep import api, engine, errors
-from modelkeep import sniff as sniffing
+from modelkeep import api, errors, storage, weights
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)\s*$", re.IGNORECASE)
 _PREFIXES = "kmgt"
@@ -49,20 +48,6 @@ class ConvertReport:
     verified: bool | None = None
 
 
-def read_source(path: str) -> tuple[dict[str, torch.Tensor], str]:
-    """The tensors of any readable input and the kind of file they should become.
-
-    A checkpoint contributes its model weights; everything else its (possibly nested) state dict.
-    """
-    if os.path.isfile(path) and sniffing.sniff(path) == "safetensors":
-        header = api.open_header(path)
-        if header.kind == "checkpoint":
-            from modelkeep import checkpoint
-
-            return checkpoint.model_weights(path), "weights"
-    return api.load_state_dict(path), "weights"
-
-
 def convert(
     src: str | os.PathLike[str],
     dst: str | os.PathLike[str],
@@ -70,25 +55,53 @@ def convert(
     shard_size: int | str | None = None,
     verify: bool = False,
     metadata: Mapping[str, str] | None = None,
+    trust: tuple[str, ...] | str = (),
+    storage_options: Mapping[str, Any] | None = None,
 ) -> ConvertReport:
-    """Rewrite ``src`` as a modelkeep weights file at ``dst`` (or shards beside ``dst``)."""
+    """Rewrite ``src`` as a modelkeep weights file at ``dst`` (or shards beside ``dst``).
+
+    Any file modelkeep reads works as ``src`` (a checkpoint contributes its model weights). Tied
+    tensors stay stored once; every tensor gets its digest.
+
+    Args:
+        src: the file, folder or shard index to read: a local path or an fsspec URL.
+        dst: the weights file to write (shards and an index beside it with ``shard_size``).
+        shard_size: bytes per shard (an int or text like ``"5GB"``); one file when None.
+        verify: read the outputs back and compare every tensor bit for bit.
+        metadata: extra ``{str: str}`` for each header.
+        trust: classes of a torch.save source that may be rebuilt (see ``modelkeep.read``).
+        storage_options: for the fsspec file system of URLs (``src`` and ``dst``).
+
+    Returns:
+        A ConvertReport: outputs written, tensor count, bytes, verification result.
+
+    Raises:
+        UnsupportedValueError: ``src`` and ``dst`` are the same, or an argument is invalid.
+        IntegrityError: ``verify`` found a difference.
+        FormatError, StorageError: reading or writing failed (``dst`` is untouched on failure).
+    """
     src, dst = os.fspath(src), os.fspath(dst)
-    if os.path.abspath(src) == os.path.abspath(dst):
+    if not storage.is_url(src) and not storage.is_url(dst) and os.path.abspath(src) == os.path.abspath(dst):
         raise errors.UnsupportedValueError(
             "source and destination are the same file", path=src, fix="choose another destination"
         )
-    tensors, _kind = read_source(src)
-    stored, aliases = api.split_aliases(api.state_dict_of(tensors))
-    user = api.check_user_metadata(metadata)
+    if src == dst:
+        raise errors.UnsupportedValueError(
+            "source and destination are the same file", path=src, fix="choose another destination"
+        )
+    tensors = api.load_state_dict(src, trust=trust, storage_options=storage_options)
+    store, dst = storage.resolve(dst, storage_options)
+    stored, aliases = weights.split_aliases(weights.state_dict_of(tensors))
+    user = weights.check_user_metadata(metadata)
     limit = parse_size(shard_size) if isinstance(shard_size, str) else shard_size
     total = sum(t.numel() * t.element_size() for _, t in stored)
     if limit is None or total <= limit:
-        outputs = [_write(dst, stored, aliases, user)]
+        outputs = [_write(store, dst, stored, aliases, user)]
     else:
-        outputs = _write_shards(dst, stored, aliases, user, limit, total)
+        outputs = _write_shards(store, dst, stored, aliases, user, limit, total)
     report = ConvertReport(source=src, outputs=outputs, tensors=len(tensors), bytes=total)
     if verify:
-        report.verified = verify_conversion(tensors, outputs)
+        report.verified = verify_conversion(tensors, outputs, storage_options=storage_options)
         if not report.verified:
             raise errors.IntegrityError(
                 "converted tensors differ from the source",
@@ -99,23 +112,24 @@ def convert(
 
 
 def _write(
-    path: str, stored: list[tuple[str, torch.Tensor]], aliases: dict[str, str], user: dict[str, str]
+    store: storage.Storage, path: str, stored: list[tuple[str, torch.Tensor]], aliases: dict[str, str], user: dict[str, str]
 ) -> str:
     metadata = dict(user)
-    metadata.update(api.modelkeep_metadata("weights", aliases))
-    engine.write_file(path, stored, metadata)
+    metadata.update(weights.modelkeep_metadata("weights", aliases))
+    store.write_tensor_file(path, stored, metadata)
     return path
 
 
-def shard_names(dst: str, count: int) -> tuple[list[str], str]:
+def shard_names(dst: str, count: int, store: storage.Storage = storage.LOCAL) -> tuple[list[str], str]:
     """Shard file paths and the index path for a destination like ``out/model.safetensors``."""
-    folder, name = os.path.split(dst)
+    folder, name = store.parent(dst), dst[len(store.parent(dst)):].lstrip("/")
     stem = name[: -len(".safetensors")] if name.endswith(".safetensors") else name
-    shards = [os.path.join(folder, f"{stem}-{i:05d}-of-{count:05d}.safetensors") for i in range(1, count + 1)]
-    return shards, os.path.join(folder, f"{stem}.safetensors.index.json")
+    shards = [store.join(folder, f"{stem}-{i:05d}-of-{count:05d}.safetensors") for i in range(1, count + 1)]
+    return shards, store.join(folder, f"{stem}.safetensors.index.json")
 
 
 def _write_shards(
+    store: storage.Storage,
     dst: str,
     stored: list[tuple[str, torch.Tensor]],
     aliases: dict[str, str],
@@ -132,27 +146,28 @@ def _write_shards(
             used = 0
         groups[-1].append((name, tensor))
         used += size
-    paths, index_path = shard_names(dst, len(groups))
+    paths, index_path = shard_names(dst, len(groups), store)
     weight_map: dict[str, str] = {}
     for path, group in zip(paths, groups):
         names = {name for name, _ in group}
         shard_aliases = {a: t for a, t in aliases.items() if t in names}
-        _write(path, group, shard_aliases, user)
+        _write(store, path, group, shard_aliases, user)
         for name in [*names, *shard_aliases]:
-            weight_map[name] = os.path.basename(path)
+            weight_map[name] = path.rsplit("/", 1)[-1]
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-    with engine.atomic_file(index_path) as fd:
-        os.write(fd, json.dumps(index, indent=2).encode("utf-8"))
+    storage.write_bytes(store, index_path, json.dumps(index, indent=2).encode("utf-8"))
     return [*paths, index_path]
 
 
-def verify_conversion(expected: Mapping[str, torch.Tensor], outputs: list[str]) -> bool:
+def verify_conversion(
+    expected: Mapping[str, torch.Tensor], outputs: list[str], *, storage_options: Mapping[str, Any] | None = None
+) -> bool:
     """Read every output back and compare each tensor bit for bit with the source."""
     seen: dict[str, torch.Tensor] = {}
     for path in outputs:
         if path.endswith(".json"):
             continue
-        seen.update(api.load_state_dict(path))
+        seen.update(api.load_state_dict(path, storage_options=storage_options))
     if set(seen) != set(expected):
         return False
     for name, tensor in expected.items():

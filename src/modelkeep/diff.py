@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any, Callable, Iterator
+from typing import Any, Iterable, Iterator, Mapping
 
 import torch
 
-from modelkeep import api, engine, format
-from modelkeep import sniff as sniffing
+from modelkeep import engine, format, options, reading
+from modelkeep.sources.base import TensorSource
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,39 +84,16 @@ class DiffReport:
         }
 
 
-@dataclasses.dataclass(frozen=True)
-class _Source:
-    """Names, dtypes and shapes of a file's tensors, and a way to fetch one tensor."""
+def _fetch(source: TensorSource, entries: dict[str, Any], name: str) -> torch.Tensor:
+    """One tensor of ``source``, read alone (memory for one tensor pair at a time)."""
+    entry = entries[name]
+    tensor = engine.allocate(tuple(entry.shape), entry.torch_dtype)
+    source.read_into([(entry, tensor)], threads=1)
+    return tensor
 
-    names: list[str]
-    describe: Callable[[str], tuple[str, tuple[int, ...]]]
-    fetch: Callable[[str], torch.Tensor]
 
-
-def open_source(path: str) -> _Source:
-    """A lazy view of a safetensors/modelkeep file, or an eager one of anything else readable."""
-    if os.path.isfile(path) and sniffing.sniff(path) == "safetensors":
-        header = api.open_header(path)
-        by_name = dict(header.entries)
-        for alias, target in header.aliases.items():
-            by_name[alias] = header.entries[target]
-
-        def fetch(name: str) -> torch.Tensor:
-            entry = by_name[name]
-            return engine.read_tensors(path, [entry], threads=1)[entry.name]
-
-        return _Source(
-            names=list(by_name),
-            describe=lambda name: (by_name[name].dtype, by_name[name].shape),
-            fetch=fetch,
-        )
-    state = api.load_state_dict(path)
-
-    def describe(name: str) -> tuple[str, tuple[int, ...]]:
-        tensor = state[name]
-        return format.name_from_dtype(tensor.dtype, item=name), tuple(tensor.shape)
-
-    return _Source(names=list(state), describe=describe, fetch=state.__getitem__)
+def _describe(entry: Any, name: str) -> tuple[str, tuple[int, ...]]:
+    return format.name_from_dtype(entry.torch_dtype, item=name), tuple(entry.shape)
 
 
 def _as_comparable(tensor: torch.Tensor) -> torch.Tensor:
@@ -145,22 +122,45 @@ def compare_tensors(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
     return max_abs, max_rel
 
 
-def diff(path_a: str | os.PathLike[str], path_b: str | os.PathLike[str]) -> DiffReport:
-    """Compare every tensor of two files by name."""
+def diff(
+    path_a: str | os.PathLike[str],
+    path_b: str | os.PathLike[str],
+    *,
+    trust: Iterable[str] | str = (),
+    storage_options: Mapping[str, Any] | None = None,
+) -> DiffReport:
+    """Compare every tensor of two files by name, one tensor pair in memory at a time.
+
+    Args:
+        path_a: any file modelkeep reads (a checkpoint contributes its model): path or URL.
+        path_b: the same for the other side.
+        trust: classes of torch.save files that may be rebuilt (see ``modelkeep.read``).
+        storage_options: for the fsspec file system of URLs.
+
+    Returns:
+        A DiffReport: names only in A or B, and each common tensor's dtypes, shapes and max
+        absolute/relative difference.
+
+    Raises:
+        FormatError, StorageError: a file cannot be read.
+    """
     path_a, path_b = os.fspath(path_a), os.fspath(path_b)
-    a, b = open_source(path_a), open_source(path_b)
-    names_b = set(b.names)
+    read_options = options.read_options(trust)
+    a = reading.open_source(path_a, read_options, storage_options=storage_options)
+    b = reading.open_source(path_b, read_options, storage_options=storage_options)
+    entries_a, entries_b = a.entries(), b.entries()
+    names_a, names_b = list(entries_a), set(entries_b)
     report = DiffReport(
         path_a=path_a,
         path_b=path_b,
-        only_a=[n for n in a.names if n not in names_b],
-        only_b=[n for n in b.names if n not in set(a.names)],
+        only_a=[n for n in names_a if n not in names_b],
+        only_b=[n for n in entries_b if n not in entries_a],
     )
-    for name in _common(a.names, names_b):
-        (dtype_a, shape_a), (dtype_b, shape_b) = a.describe(name), b.describe(name)
+    for name in _common(names_a, names_b):
+        (dtype_a, shape_a), (dtype_b, shape_b) = _describe(entries_a[name], name), _describe(entries_b[name], name)
         max_abs = max_rel = None
         if shape_a == shape_b:
-            max_abs, max_rel = compare_tensors(a.fetch(name), b.fetch(name))
+            max_abs, max_rel = compare_tensors(_fetch(a, entries_a, name), _fetch(b, entries_b, name))
         report.tensors.append(TensorDiff(name, dtype_a, dtype_b, shape_a, shape_b, max_abs, max_rel))
     return report
 

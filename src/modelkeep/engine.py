@@ -826,3 +826,28 @@ def digest_range(fd: int, begin: int, end: int, path: str, chunk_bytes: int = CH
         hasher.update(piece)
         offset += len(piece)
     return hasher.hexdigest()
+
+
+# Names the storage layer uses (the hash record's one owner is this section).
+PLACEHOLDER_DIGEST = "0" * HASH_HEX_LENGTH
+hashes_value = _hashes_value
+write_all = _write_all
+with_digests = _with_digests
+
+
+def recorded_digests(header: format.Header) -> dict[str, str] | None:
+    """The per-tensor digests a header records, None when it records none.
+
+    Raises:
+        FormatError: the record is malformed or of an unknown algorithm.
+    """
+    record = header.modelkeep_value(format.KEY_HASHES)
+    if record is None:
+        return None
+    if (not isinstance(record, dict) or record.get("algorithm") != HASH_ALGORITHM
+            or not isinstance(record.get("tensors"), dict)):
+        raise errors.FormatError(
+            "hash record is malformed or of an unknown algorithm", path=header.path, item=format.KEY_HASHES,
+            fix="the file is damaged or from a newer modelkeep; use an intact file or upgrade modelkeep",
+        )
+    return record["tensors"]

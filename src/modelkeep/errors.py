@@ -101,3 +101,38 @@ def reading_failed(e: OSError, path: str) -> StorageError:
     if isinstance(e, PermissionError):
         return StorageError("permission denied", path=path, fix="check the file's permissions")
     return StorageError(f"cannot read: {e.strerror or e}", path=path, fix="check the path and the disk")
+
+
+def storage_error(e: BaseException, path: str, action: str) -> StorageError:
+    """The StorageError for an OSError (or an fsspec backend's failure) while ``action`` on ``path``."""
+    if isinstance(e, StorageError):
+        return e
+    if isinstance(e, OSError) and action == "reading":
+        return reading_failed(e, path)
+    import errno
+
+    fixes = {
+        errno.ENOSPC: "free disk space or save elsewhere; the previous file is untouched",
+        errno.EDQUOT: "free quota or save elsewhere; the previous file is untouched",
+        errno.EFBIG: "the file exceeds a size limit of this file system or process (ulimit -f)",
+        errno.EACCES: "check the folder's permissions",
+        errno.EROFS: "save to a writable location",
+        errno.ENOENT: "check the path",
+    }
+    reason = getattr(e, "strerror", None) or str(e) or type(e).__name__
+    return StorageError(f"{action} failed: {reason}", path=path,
+                        fix=fixes.get(getattr(e, "errno", None) or 0, "check the disk or the store"))
+
+
+import contextlib as _contextlib
+
+
+@_contextlib.contextmanager
+def map_os_errors(path: str, action: str):  # type: ignore[no-untyped-def]
+    """Turn OSErrors (and fsspec failures) inside the block into StorageErrors naming ``path``."""
+    try:
+        yield
+    except ModelkeepError:
+        raise
+    except OSError as e:
+        raise storage_error(e, path, action) from e

@@ -6,12 +6,13 @@ the digests recorded when the file was written.
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 import os
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
-from modelkeep import api, engine, errors, format
+from modelkeep import engine, errors, format, reading, storage
+from modelkeep.checkpoint import files as checkpoint_files
+from modelkeep.sources import ranges
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,10 +93,22 @@ def _hash_record(header: format.Header) -> tuple[str | None, dict[str, str]]:
     return record["algorithm"], record["tensors"]
 
 
-def inspect(path: str | os.PathLike[str]) -> FileInfo:
-    """Describe a modelkeep or safetensors file from its header."""
+def inspect(path: str | os.PathLike[str], *, storage_options: Mapping[str, Any] | None = None) -> FileInfo:
+    """Describe a modelkeep or safetensors file from its header alone.
+
+    Args:
+        path: a local path or an fsspec URL.
+        storage_options: for the fsspec file system of a URL.
+
+    Returns:
+        A FileInfo: tensors, totals, aliases, digests, metadata, a checkpoint's nested state.
+
+    Raises:
+        FormatError: not a safetensors/modelkeep file, or an invalid header.
+        StorageError: the file cannot be read.
+    """
     path = os.fspath(path)
-    header = api.open_header(path)
+    header = reading.read_header(path, storage_options=storage_options)
     algorithm, digests = _hash_record(header)
     decoded = {
         key: header.modelkeep_value(key)
@@ -120,9 +133,7 @@ def inspect(path: str | os.PathLike[str]) -> FileInfo:
 def _checkpoint_state(header: format.Header) -> Any:
     if header.kind != "checkpoint":
         return None
-    from modelkeep.checkpoint import files
-
-    return files.describe_state(header)
+    return checkpoint_files.describe_state(header)
 
 
 @dataclasses.dataclass
@@ -141,11 +152,29 @@ class VerifyReport:
 
 
 def verify(
-    path: str | os.PathLike[str], *, progress: Callable[[int], None] | None = None
+    path: str | os.PathLike[str],
+    *,
+    progress: Callable[[int], None] | None = None,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> VerifyReport:
-    """Recompute each tensor's digest and compare it with the one recorded at save time."""
+    """Recompute each tensor's digest and compare it with the one recorded at save time.
+
+    Args:
+        path: a local path or an fsspec URL.
+        progress: called with byte counts as tensors are checked.
+        storage_options: for the fsspec file system of a URL.
+
+    Returns:
+        A VerifyReport; ``ok`` when every tensor has a digest and all match.
+
+    Raises:
+        FormatError: not a safetensors/modelkeep file, a malformed hash record, or an unknown
+            hash algorithm.
+        StorageError: the file cannot be read.
+    """
     path = os.fspath(path)
-    header = api.open_header(path)
+    store, where = storage.resolve(path, storage_options)
+    header = reading.header_in(store, where)
     algorithm, digests = _hash_record(header)
     report = VerifyReport(path=path, algorithm=algorithm)
     if algorithm is None:
@@ -158,26 +187,13 @@ def verify(
             item=format.KEY_HASHES,
             fix=f"this modelkeep verifies {engine.HASH_ALGORITHM}; upgrade modelkeep",
         )
-    fd = os.open(path, os.O_RDONLY)
-    try:
-
-        def check(entry: format.TensorEntry) -> tuple[str, bool | None]:
-            expected = digests.get(entry.name)
-            if expected is None:
-                return entry.name, None
-            actual = engine.digest_range(fd, entry.begin, entry.end, path)
-            if progress is not None:
-                progress(entry.nbytes)
-            return entry.name, actual == expected
-
-        with concurrent.futures.ThreadPoolExecutor(engine.io_threads()) as pool:
-            for name, matched in pool.map(check, header.entries.values()):
-                if matched is None:
-                    report.unhashed.append(name)
-                elif matched:
-                    report.checked.append(name)
-                else:
-                    report.mismatched.append(name)
-    finally:
-        os.close(fd)
+    hashed = [entry for entry in header.entries.values() if entry.name in digests]
+    actual = ranges.digests_of(store, where, hashed, progress=progress)
+    for name in header.entries:
+        if name not in digests:
+            report.unhashed.append(name)
+        elif actual[name] == digests[name]:
+            report.checked.append(name)
+        else:
+            report.mismatched.append(name)
     return report

@@ -10,14 +10,14 @@ returns it in ``eval()``. Nothing from the file is imported or unpickled.
 
 from __future__ import annotations
 
-import importlib
 import os
 from typing import Any, Mapping
 
 import torch
 
-from modelkeep import api, engine, errors, format
-from modelkeep import sniff as sniffing
+from modelkeep import errors, format, options, reading, sniff, storage, weights
+from modelkeep.sources import torchsave
+from modelkeep.sources.safetensors import SafetensorsSource
 from modelkeep.arch import factories, graph, modules, rebuild, records, verify
 
 STRATEGIES = records.STRATEGIES
@@ -37,12 +37,33 @@ _OPTIONS = (
 # create
 
 
-def create(name: str, *, weights: Any = None, **kwargs: Any) -> torch.nn.Module:
+def create(
+    name: str,
+    *,
+    weights: Any = None,
+    weights_file: str | os.PathLike[str] | None = None,
+    storage_options: Mapping[str, Any] | None = None,
+    **kwargs: Any,
+) -> torch.nn.Module:
     """Build a model from a trusted factory and remember the recipe, so ``save`` needs no hints.
 
-    ``name`` is ``"torchvision:vgg16"``, ``"torchvision.models.vgg16"``, ``"timm:resnet18"`` or a
-    registered name. ``weights="IMAGENET1K_V1"`` loads named pretrained weights (and their
-    inference spec) instead of a random init.
+    Args:
+        name: ``"torchvision:vgg16"``, ``"torchvision.models.vgg16"``, ``"timm:resnet18"`` or a
+            registered name.
+        weights: named pretrained weights (``"IMAGENET1K_V1"``), loaded with their inference spec
+            instead of a random init.
+        weights_file: where those weights' checkpoint is (a path or an fsspec URL); by default
+            the modelkeep cache, torch's hub cache, or a download.
+        storage_options: for the fsspec file system of a ``weights_file`` URL.
+        **kwargs: the factory's own arguments.
+
+    Returns:
+        The module (in eval() when weights were loaded), remembering how it was built.
+
+    Raises:
+        ArchitectureError: unknown factory or weights, or weights that do not fit.
+        IntegrityError: the checkpoint's sha256 does not match its name.
+        StorageError: the weights cannot be read or downloaded.
     """
     canonical = factories.canonical_name(name)
     try:
@@ -58,6 +79,11 @@ def create(name: str, *, weights: Any = None, **kwargs: Any) -> torch.nn.Module:
             fix="pass weights=... for the whole model, or build with torchvision yourself and "
             "save(model, path, factory={'factory': ..., 'kwargs': {...}})",
         )
+    if weights_file is not None and weights is None:
+        raise errors.ArchitectureError(
+            "weights_file names where named weights come from, but no weights were named",
+            item="weights_file", fix="pass weights='IMAGENET1K_V1' (or the name the file holds) too",
+        )
     call_kwargs = dict(kwargs)
     weights_label = None
     if weights is not None:
@@ -69,7 +95,10 @@ def create(name: str, *, weights: Any = None, **kwargs: Any) -> torch.nn.Module:
         )
         from modelkeep import pretrained
 
-        spec = pretrained.load_named_weights(model, factory=canonical, weights=weights_label.rsplit(".", 1)[-1])
+        spec = pretrained.load_named_weights(
+            model, factory=canonical, weights=weights_label.rsplit(".", 1)[-1], path=weights_file,
+            storage_options=storage_options,
+        )
         left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
         if left:
             raise errors.ArchitectureError(
@@ -282,6 +311,7 @@ def save(
     inference: Any = None,
     metadata: Mapping[str, str] | None = None,
     strategy: str | None = None,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> dict[str, str]:
     """Save a whole model, without pickle, so that ``load(path)`` rebuilds it with no class
     definition and no code from the file. Returns the per-tensor digests.
@@ -289,8 +319,25 @@ def save(
     The architecture is recorded by the first strategy that fits (or ``strategy=``): ``factory``
     (a model from ``create`` or ``factory=``), ``modules`` (only torch.nn layers), ``graph``
     (``torch.export`` with ``example_inputs``). Every record is proven at save by rebuilding it.
+
+    Args:
+        model: the module to save (DataParallel/DDP/compile wrappers are unwrapped).
+        path: a local path or an fsspec URL.
+        example_inputs: a tuple of example tensors for the ``graph`` strategy.
+        factory: the factory that built the model: a dotted name or ``{"factory": ..., "kwargs": ...}``.
+        inference: an InferenceSpec (or its dict) to record; taken from the model when it has one.
+        metadata: extra ``{str: str}`` for the header.
+        strategy: ``"factory"``, ``"modules"`` or ``"graph"`` instead of the first that fits.
+        storage_options: for the fsspec file system of a URL.
+
+    Returns:
+        ``{name: hex digest}`` of every stored tensor.
+
+    Raises:
+        ArchitectureError: no strategy can record the model (the message lists the options).
+        UnsupportedValueError: a value cannot be stored.
+        StorageError: writing failed; a file already at ``path`` is untouched.
     """
-    path = os.fspath(path)
     model = _unwrap(model)
     record, state, extras = _plan(model, example_inputs=example_inputs, factory=factory, strategy=strategy)
     clashes = [name for name in state if name.startswith(records.EXTRA_PREFIX)]
@@ -298,14 +345,15 @@ def save(
         raise errors.ArchitectureError(
             "state dict names may not start with 'modelkeep.'", item=clashes[0], fix="rename the submodule"
         )
-    stored, aliases = api.split_aliases(api.state_dict_of(state))
-    header = api.check_user_metadata(metadata)
-    header.update(api.modelkeep_metadata("model", aliases))
+    stored, aliases = weights.split_aliases(weights.state_dict_of(state))
+    header = weights.check_user_metadata(metadata)
+    header.update(weights.modelkeep_metadata("model", aliases))
     header[format.KEY_ARCHITECTURE] = format.dumps(record)
     spec = _inference_value(inference if inference is not None else getattr(model, INFERENCE_ATTR, None))
     if spec is not None:
         header[format.KEY_INFERENCE] = format.dumps(spec)
-    return engine.write_file(path, stored + extras, header)
+    store, where = storage.resolve(path, storage_options)
+    return store.write_tensor_file(where, stored + extras, header)
 
 
 # --------------------------------------------------------------------------------------------
@@ -318,6 +366,7 @@ def load(
     device: torch.device | str | None = None,
     trust: tuple[str, ...] | list[str] = (),
     mmap: bool = False,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> torch.nn.Module:
     """A ready ``nn.Module`` in ``eval()`` from a file written by ``save``.
 
@@ -331,12 +380,30 @@ def load(
     tensors then sit at the file's offsets, whose alignment can change the last bits of some
     kernels' results, and the file must not be truncated in place while the model lives
     (modelkeep's own saves replace files atomically, which is safe).
+
+    Args:
+        path: a local path or an fsspec URL.
+        device: where the model goes.
+        trust: extra dotted namespaces whose factories (or pickled classes) may be used.
+        mmap: map a local file copy-on-write instead of copying (CPU only).
+        storage_options: for the fsspec file system of a URL.
+
+    Returns:
+        The module, in ``eval()``.
+
+    Raises:
+        UnsafeContentError: the file names an untrusted factory or class.
+        ArchitectureError: the record cannot be rebuilt into the stored tensors.
+        FormatError: not a whole-model file, or an invalid one.
+        StorageError: the file cannot be read.
     """
     path = os.fspath(path)
     trust = factories.check_trust_names(trust)
-    if sniffing.sniff(path) != "safetensors":
-        return _load_legacy(path, device=device, trust=trust)
-    header = format.read_header_file(path)
+    read_options = options.read_options(trust)
+    store, where = storage.resolve(path, storage_options)
+    if sniff.sniff(where, store) != "safetensors":
+        return _load_legacy(store, where, device=device, read_options=read_options)
+    header = store.read_header(where)
     if header.kind != "model":
         raise errors.FormatError(
             f"is a {header.kind} file, not a whole model",
@@ -351,8 +418,9 @@ def load(
             item=format.KEY_ARCHITECTURE,
             fix="re-save it with modelkeep.save",
         )
-    model, extras = rebuild.build_model(record, header, trust=trust)
-    rebuild.fill(model, header, extras, device=device, mmap=mmap)
+    source = SafetensorsSource(store, where, header)
+    model, extras = rebuild.build_model(record, source, trust=trust)
+    rebuild.fill(model, source, extras, device=device, mmap=mmap)
     if record.get("strategy") == "factory":  # so that a loaded model saves again without hints
         object.__setattr__(model, RECIPE_ATTR, {"factory": record["factory"], "kwargs": record["kwargs"]})
     spec = _inference_of(header)
@@ -373,33 +441,20 @@ def _inference_of(header: format.Header) -> dict[str, Any] | None:
     return spec
 
 
-def read_inference(path: str | os.PathLike[str]) -> dict[str, Any] | None:
+def read_inference(
+    path: str | os.PathLike[str], *, storage_options: Mapping[str, Any] | None = None
+) -> dict[str, Any] | None:
     """The stored inference spec (input signature, preprocessing, labels), from the header alone."""
-    return _inference_of(api.open_header(path))
+    return _inference_of(reading.read_header(path, storage_options=storage_options))
 
 
-def _load_legacy(path: str, *, device: Any, trust: tuple[str, ...]) -> torch.nn.Module:
-    """A torch.save'd whole module, through the safe legacy reader when it is installed."""
-    try:
-        legacy = importlib.import_module("modelkeep.legacy")
-    except ImportError:
-        legacy = None
-    reader = getattr(legacy, "read_module", None)
-    if reader is None:
-        raise errors.FormatError(
-            "is a torch.save file; rebuilding a whole pickled module needs modelkeep's legacy "
-            "reader, which is not available",
-            path=path,
-            fix="read its tensors with modelkeep.load_state_dict(path), or convert it with "
-            "`modelkeep convert`",
-        )
-    model = reader(path, trust=trust)
-    if not isinstance(model, torch.nn.Module):
-        raise errors.FormatError(
-            f"holds a {type(model).__name__}, not a whole model",
-            path=path,
-            fix="read it with modelkeep.read(path)",
-        )
+def _load_legacy(
+    store: storage.Storage, path: str, *, device: Any, read_options: options.ReadOptions
+) -> torch.nn.Module:
+    """A torch.save'd whole module, rebuilt by the safe legacy reader from trusted classes."""
+    from modelkeep import legacy  # imported on first use: keeps ``import modelkeep`` light
+    with torchsave.local_copy(store, path) as local:
+        model = legacy.read_module(local, options=read_options)
     model.eval()
     if device is not None:
         model.to(device)

@@ -22,8 +22,10 @@ from typing import Any, Iterator, Mapping
 
 import torch
 
-from modelkeep import api, download, errors
+from modelkeep import api, download, errors, reading
 from modelkeep import sniff as sniffing
+from modelkeep import storage
+from modelkeep.sources import torchsave
 
 CACHE_ENV = "MODELKEEP_CACHE"
 MIRROR_ENV = "MODELKEEP_WEIGHTS_MIRROR"
@@ -277,13 +279,23 @@ def fetch(
     *,
     progress: bool = True,
     timeout: float | None = None,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> str:
-    """The modelkeep copy of the entry's checkpoint, made from ``path``, the hub cache or a download."""
+    """The modelkeep copy of the entry's checkpoint, made from ``path``, the hub cache or a download.
+
+    ``path`` may be an fsspec URL (with ``storage_options``): its bytes are copied, checked and
+    converted into the cache like a download's.
+    """
     cached = cached_path(entry)
     if path is None and os.path.isfile(cached):
         return cached
     with _locked(cached):
         if path is None and os.path.isfile(cached):  # another process made it meanwhile
+            return cached
+        if path is not None and storage.is_url(os.fspath(path)):
+            store, where = storage.resolve(path, storage_options)
+            with torchsave.local_copy(store, where) as local:
+                _convert(local, cached, entry, check_hash(local, entry, source="file given as URL"))
             return cached
         if path is not None:
             source = os.fspath(path)
@@ -317,7 +329,7 @@ def fetch(
 
 def _check_fits(model: torch.nn.Module, file: str, entry: WeightsEntry) -> None:
     """Refuse before any byte moves when the checkpoint cannot fill the model."""
-    header = api.open_header(file)
+    header = reading.read_header(file)
     shapes = {name: entry_.shape for name, entry_ in header.entries.items()}
     for alias, target in header.aliases.items():
         shapes[alias] = shapes[target]
@@ -350,6 +362,7 @@ def load_named_weights(
     factory: str,
     weights: str,
     path: str | os.PathLike[str] | None = None,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Load the named weights into ``model`` (left in eval()); return their inference-spec dict.
 
@@ -357,12 +370,12 @@ def load_named_weights(
     materialised without random init.
     """
     entry = resolve(factory, weights)
-    file = fetch(entry, path)
+    file = fetch(entry, path, storage_options=storage_options)
     _check_fits(model, file, entry)
     had_meta = any(t.is_meta for t in model.state_dict().values())
     api.load_weights(model, file, strict=False)
     if had_meta:  # counters the checkpoint leaves out would hold uninitialised memory
-        stored = api.open_header(file).entries
+        stored = reading.read_header(file).entries
         with torch.no_grad():
             for name, buffer in model.named_buffers():
                 if name.endswith("num_batches_tracked") and name not in stored:

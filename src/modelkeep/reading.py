@@ -1,232 +1,145 @@
-"""Reading any supported file: safetensors/modelkeep files, torch.save files, sharded folders.
+"""Reading any supported file, from any storage: the one file-kind dispatch of modelkeep.
 
-``read`` is the safe ``torch.load``. ``open_source`` gives ``api.load_weights`` and
-``api.load_state_dict`` one interface over every kind of file: the tensors by name (with shape
-and dtype) and a way to read them into destination tensors. For safetensors files that is the
-header and ``engine.read_into``, unchanged; for torch.save files the state dict found by
-``legacy.open_weights``; for Hugging Face sharded folders the union of the shards named by the
-index.
+``open_source`` is the only place that asks "what kind of file is this?" and branches; every
+operation above it (``load_weights``, ``load_state_dict``, ``convert``, ``diff``, ``predict``,
+``create(weights=...)``) gets a :class:`~modelkeep.sources.base.TensorSource` and branches on
+nothing. ``read`` is the safe ``torch.load``: the data of any file, with nothing from it run.
+
+=====================  ==================================================================
+what the location is   source
+=====================  ==================================================================
+safetensors/modelkeep  :class:`~modelkeep.sources.safetensors.SafetensorsSource`
+modelkeep checkpoint   :class:`~modelkeep.sources.checkpoint.CheckpointSource` (its model)
+folder / index.json    :class:`~modelkeep.sources.sharded.ShardedSource` (or its one file)
+torch.save file        ``legacy.LegacyWeights`` via :mod:`modelkeep.sources.torchsave`
+=====================  ==================================================================
 """
 
 from __future__ import annotations
 
-import importlib.util
-import json
 import os
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Mapping
 
-import torch
+from modelkeep import errors, format, sniff, storage
+from modelkeep.options import DEFAULT_READ_OPTIONS, Limits, ReadOptions, read_options
+from modelkeep.sources import checkpoint, sharded, torchsave
+from modelkeep.sources.base import TensorSource
+from modelkeep.sources.safetensors import SafetensorsSource
 
-from modelkeep import engine, errors, format
-from modelkeep import sniff as sniffing
-
-INDEX_NAMES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
-SINGLE_NAMES = ("model.safetensors", "pytorch_model.bin")
-MAX_INDEX_BYTES = 64 << 20
-
-
-sniff = sniffing.sniff  # one answer for every reader: see modelkeep.sniff
-
-
-# ---------------------------------------------------------------------------------------------
-# Sources of named tensors
-
-
-class SafetensorsSource:
-    """A safetensors/modelkeep file: header entries (aliases included) read by the engine."""
-
-    source_key: str | None = None
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-        self.header = format.read_header_file(path)
-
-    def entries(self) -> dict[str, Any]:
-        by_name: dict[str, Any] = dict(self.header.entries)
-        for alias, target in self.header.aliases.items():
-            by_name[alias] = self.header.entries[target]
-        return by_name
-
-    def read_into(self, pairs: Sequence[tuple[Any, torch.Tensor]], *, threads: int | None = None) -> int:
-        return engine.read_into(self.path, pairs, threads=threads)
-
-    def tensors(self, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
-        out = engine.read_tensors(self.path, list(self.header.entries.values()), device=device)
-        for alias, target in self.header.aliases.items():
-            out[alias] = out[target]
-        return out
-
-
-class ShardedSource:
-    """A folder of shards with a Hugging Face index (``weight_map``: tensor name -> shard)."""
-
-    source_key: str | None = None
-
-    def __init__(self, index_path: str, *, trust: Iterable[str] | str, on_unknown: str) -> None:
-        self.path = index_path
-        folder = os.path.dirname(index_path)
-        weight_map = index_weight_map(index_path)
-        self.shards: dict[str, Any] = {}
-        self._entries: dict[str, Any] = {}
-        self._owner: dict[int, Any] = {}
-        for shard_name in dict.fromkeys(weight_map.values()):
-            if not os.path.isfile(os.path.join(folder, shard_name)):
-                raise errors.FormatError(
-                    f"the index names shard {shard_name!r}, which is missing from the folder",
-                    path=index_path, fix="download every shard the index lists",
-                )
-            shard = open_source(os.path.join(folder, shard_name), trust=trust, on_unknown=on_unknown)
-            self.shards[shard_name] = shard
-            for name, entry in shard.entries().items():
-                if name in self._entries:
-                    raise errors.FormatError(
-                        "two shards hold the same tensor", path=index_path, item=name,
-                        fix="the shards do not belong together; re-download them",
-                    )
-                self._entries[name] = entry
-                self._owner[id(entry)] = shard
-        for name, shard_name in weight_map.items():
-            if name not in self.shards[shard_name].entries():
-                raise errors.FormatError(
-                    f"the index places this tensor in {shard_name}, which does not hold it",
-                    path=index_path, item=name, fix="re-download the shards and their index",
-                )
-
-    def entries(self) -> dict[str, Any]:
-        return dict(self._entries)
-
-    def read_into(self, pairs: Sequence[tuple[Any, torch.Tensor]], *, threads: int | None = None) -> int:
-        groups: dict[int, tuple[Any, list]] = {}
-        for entry, destination in pairs:
-            shard = self._owner[id(entry)]
-            groups.setdefault(id(shard), (shard, []))[1].append((entry, destination))
-        return sum(shard.read_into(group, threads=threads) for shard, group in groups.values())
-
-    def tensors(self, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
-        out: dict[str, torch.Tensor] = {}
-        for shard in self.shards.values():
-            out.update(shard.tensors(device))
-        return out
-
-
-def index_weight_map(index_path: str) -> dict[str, str]:
-    """The validated ``weight_map`` of a sharded checkpoint's index (shards stay in its folder)."""
-    try:
-        with open(index_path, "rb") as stream:
-            raw = stream.read(MAX_INDEX_BYTES + 1)
-    except FileNotFoundError as e:
-        raise errors.StorageError("no such index file", path=index_path, fix="check the path") from e
-    if len(raw) > MAX_INDEX_BYTES:
-        raise errors.FormatError("the index is too large", path=index_path, fix="check the file")
-    try:
-        document = json.loads(raw.decode("utf-8"))
-    except (ValueError, RecursionError, UnicodeDecodeError) as e:
-        raise errors.FormatError("the index is not valid JSON", path=index_path, fix="re-download it") from e
-    weight_map = document.get("weight_map") if isinstance(document, dict) else None
-    if not isinstance(weight_map, dict) or not weight_map:
-        raise errors.FormatError("the index has no weight_map", path=index_path, item="weight_map",
-                                 fix="re-download the index")
-    for name, shard in weight_map.items():
-        if (
-            not isinstance(shard, str)
-            or not shard
-            or shard != os.path.basename(shard)
-            or shard in (".", "..")
-            or "\\" in shard
-            or "\x00" in shard
-        ):
-            raise errors.FormatError(
-                "the index names a shard outside its folder", path=index_path, item=name,
-                fix="the index is damaged or crafted; shards must be file names in the same folder",
-            )
-    return weight_map
-
-
-def _index_of(folder: str) -> str:
-    for name in INDEX_NAMES:
-        if os.path.isfile(os.path.join(folder, name)):
-            return os.path.join(folder, name)
-    raise errors.FormatError(
-        "the folder has no model.safetensors.index.json or pytorch_model.bin.index.json",
-        path=folder,
-        fix="name a model file, or a folder of shards with their index",
-    )
-
-
-def _single_file(folder: str) -> str | None:
-    for name in SINGLE_NAMES:
-        candidate = os.path.join(folder, name)
-        if os.path.isfile(candidate):
-            return candidate
-    return None
+Location = str | os.PathLike[str]
 
 
 def open_source(
-    path: str | os.PathLike[str],
+    location: Location,
+    options: ReadOptions = DEFAULT_READ_OPTIONS,
     *,
-    trust: Iterable[str] | str = (),
-    on_unknown: str = "error",
-) -> Any:
-    """The named tensors of any supported file or sharded folder (see module docstring)."""
-    path = os.fspath(path)
-    kind = sniff(path)
+    storage_options: Mapping[str, Any] | None = None,
+) -> TensorSource:
+    """The named tensors of any supported file or sharded folder, on any storage.
+
+    Args:
+        location: a path or fsspec URL of a file, a model folder or a shard index.
+        options: how torch.save files may be read (built by ``options.read_options``).
+        storage_options: for the fsspec file system of a URL.
+
+    Returns:
+        A tensor source: ``entries()`` to plan, ``read_into``/``tensors`` to read.
+
+    Raises:
+        StorageError: the location cannot be read.
+        FormatError: the file is not valid (UnsafeContentError: it names untrusted code).
+    """
+    store, path = storage.resolve(location, storage_options)
+    return open_in(store, path, options)
+
+
+def open_in(store: storage.Storage, path: str, options: ReadOptions = DEFAULT_READ_OPTIONS) -> TensorSource:
+    """:func:`open_source` for a location already resolved to ``(store, path)``."""
+    kind = sniff.sniff(path, store)
     if kind == "folder":
-        index = next((os.path.join(path, n) for n in INDEX_NAMES if os.path.isfile(os.path.join(path, n))), None)
-        single = _single_file(path)
-        if index is None and single is not None:
-            return open_source(single, trust=trust, on_unknown=on_unknown)
-        return ShardedSource(index or _index_of(path), trust=trust, on_unknown=on_unknown)
+        found, inner = sharded.find_in_folder(store, path)
+        if found == "single":
+            return open_in(store, inner, options)
+        kind, path = "index", inner
     if kind == "index":
-        return ShardedSource(path, trust=trust, on_unknown=on_unknown)
+        return sharded.ShardedSource(store, path, lambda shard: open_in(store, shard, options))
     if kind == "safetensors":
-        return SafetensorsSource(path)
-    from modelkeep import legacy  # imported on first use: keeps `import modelkeep` light
+        header = store.read_header(path)
+        if checkpoint.is_checkpoint(header):
+            return checkpoint.CheckpointSource(store, path, header)
+        return SafetensorsSource(store, path, header)
+    return torchsave.open_weights(store, path, options)
 
-    return legacy.open_weights(path, trust=trust, on_unknown=on_unknown)
+
+def read_header(location: Location, *, storage_options: Mapping[str, Any] | None = None) -> format.Header:
+    """The validated header of a safetensors/modelkeep file, or a FormatError saying what the
+    file is instead (a folder, a shard index, a torch.save file).
+
+    Raises:
+        StorageError: the location cannot be read.
+        FormatError: it is not a safetensors/modelkeep file, or its header is invalid.
+    """
+    store, path = storage.resolve(location, storage_options)
+    return header_in(store, path)
 
 
-# ---------------------------------------------------------------------------------------------
-# read
+def header_in(store: storage.Storage, path: str) -> format.Header:
+    """:func:`read_header` for a resolved location."""
+    kind = sniff.sniff(path, store)
+    if kind in ("folder", "index"):
+        raise errors.FormatError(
+            f"is a {'folder' if kind == 'folder' else 'shard index'}, not a safetensors/modelkeep file",
+            path=path,
+            fix="read it with modelkeep.load_state_dict() or modelkeep.read(), or name one file",
+        )
+    if kind != "safetensors":
+        raise errors.FormatError(
+            f"is a torch.save file ({kind}), not a safetensors/modelkeep file",
+            path=path,
+            fix="read it with modelkeep.read(), or rescue it with `modelkeep convert SRC DST`",
+        )
+    return store.read_header(path)
 
 
 def read(
-    path: str | os.PathLike[str],
+    location: Location,
     *,
     trust: Iterable[str] | str = (),
     on_unknown: str = "error",
+    limits: Limits | None = None,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> Any:
-    """The safe ``torch.load``: the data of any supported file, with nothing from it run.
+    """The data of any supported file, built without running anything from it.
 
     * torch.save files (zip, stream, pre-1.0 tar, plain pickles): what ``torch.load`` would
-      return: nested dicts, lists, numbers, strings, tensors, numpy arrays, records for
-      ``argparse.Namespace``; whole modules only of trusted classes (``torch.nn``,
-      ``torchvision.models``, ``torchvision.ops`` and those named in ``trust``). Other globals
-      raise UnsafeContentError listing each with its byte position, or become inert
-      placeholders with ``on_unknown="placeholder"``.
-    * TorchScript archives: ``{"data": <module record>, "constants": <tuple>}``; code is never run.
-    * safetensors/modelkeep files and sharded folders: the state dict. A modelkeep checkpoint
-      file is handed to ``modelkeep.checkpoint.read_state`` when that exists.
+      return (see ``modelkeep.legacy.read``).
+    * TorchScript archives: ``{"data": <module record>, "constants": <tuple>}``.
+    * modelkeep checkpoints: their nested state, every tensor checked against its digest.
+    * safetensors/modelkeep files and sharded folders: the state dict.
+
+    Args:
+        location: a path or fsspec URL.
+        trust: extra dotted namespaces or class names whose pickled objects may be rebuilt
+            (``torch.nn``, ``torchvision.models`` and ``torchvision.ops`` always are).
+        on_unknown: ``"error"`` refuses any other global (UnsafeContentError listing each with
+            its byte position); ``"placeholder"`` keeps such objects as inert placeholders.
+        limits: bounds on the work one file may cause (``modelkeep.options.Limits``).
+        storage_options: for the fsspec file system of a URL.
+
+    Returns:
+        Nested dicts, lists, numbers, strings, tensors and numpy arrays.
+
+    Raises:
+        StorageError, FormatError, UnsafeContentError, IntegrityError: see ``open_source``.
+        UnsupportedValueError: an argument is invalid.
     """
-    path = os.fspath(path)
-    kind = sniff(path)
-    if kind in ("folder", "index"):
-        return open_source(path, trust=trust, on_unknown=on_unknown).tensors()
+    options = read_options(trust, on_unknown, limits)
+    store, path = storage.resolve(location, storage_options)
+    kind = sniff.sniff(path, store)
+    if kind in ("zip", "tar", "pickle"):
+        return torchsave.read(store, path, options)
     if kind == "safetensors":
-        source = SafetensorsSource(path)
-        header = source.header
-        if header.kind == "checkpoint" and format.KEY_STATE in header.metadata:
-            read_state = _checkpoint_reader()
-            if read_state is not None:
-                return read_state(path, header)
-        return source.tensors()
-    from modelkeep import legacy
-
-    return legacy.read(path, trust=trust, on_unknown=on_unknown)
-
-
-def _checkpoint_reader() -> Any:
-    """``modelkeep.checkpoint.read_state`` when the checkpoint module provides it."""
-    if importlib.util.find_spec("modelkeep.checkpoint") is None:
-        return None
-    module = importlib.import_module("modelkeep.checkpoint")
-    return getattr(module, "read_state", None)
+        header = store.read_header(path)
+        if checkpoint.is_checkpoint(header):
+            return checkpoint.read_checkpoint(store, path, header=header)[1]
+    return open_in(store, path, options).tensors()

@@ -25,7 +25,8 @@ import tempfile
 import zipfile
 from typing import Any, Iterator
 
-from modelkeep import errors, format
+from modelkeep import errors, format, sniff, storage
+from modelkeep.sources import sharded
 
 SAFE, NEEDS_TRUST, DANGEROUS = "safe", "needs-trust", "dangerous"
 _SEVERITY = {SAFE: 0, NEEDS_TRUST: 1, DANGEROUS: 2}
@@ -115,16 +116,15 @@ def classify(module: str, name: str, meaning: str) -> str:
 
 def scan_file(path: str) -> FileScan:
     """Scan one file of any supported container (or a sharded checkpoint's index)."""
-    from modelkeep import reading
     from modelkeep.legacy import loader, policy
 
     try:
-        kind = reading.sniff(path)
+        kind = sniff.sniff(path)
     except errors.ModelkeepError as e:
         return FileScan(path, "unknown", error=str(e))
     if kind == "index":  # shard names that leave the folder are refused by every reader
         try:
-            reading.index_weight_map(path)
+            sharded.index_weight_map(storage.LOCAL, path)
         except errors.ModelkeepError as e:
             return FileScan(path, "shard index", error=str(e))
         return FileScan(path, "shard index")

@@ -1,4 +1,4 @@
-"""What kind of file is this? One answer from the first bytes, for every reader.
+"""What kind of file is this? One answer from the first bytes, for every reader, on any storage.
 
 A safetensors header length is arbitrary bytes (384 starts with 0x80, like a pickle), so a
 plausible length followed by the JSON object's ``{`` is tested before the pickle opcodes. Anything
@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import os
 
-from modelkeep import errors, format
+from modelkeep import format
+from modelkeep.storage import LOCAL, Storage
 
 ZIP_MAGICS = (b"PK\x03\x04", b"PK\x05\x06")
 PICKLE_STARTS = frozenset(b"(}])cNILSVFXKJMUTGl")  # first opcodes of protocol 0/1 pickles
 HEAD_BYTES = 512
+KINDS = ("folder", "index", "safetensors", "zip", "tar", "pickle")
 
 
 def kind_of_head(head: bytes) -> str | None:
@@ -30,19 +32,28 @@ def kind_of_head(head: bytes) -> str | None:
     return None
 
 
-def read_head(path: str) -> bytes:
-    try:
-        with open(path, "rb") as stream:
-            return stream.read(HEAD_BYTES)
-    except OSError as e:
-        raise errors.reading_failed(e, path) from e
+def read_head(path: str, store: Storage = LOCAL) -> bytes:
+    """The first :data:`HEAD_BYTES` of ``path`` (fewer when it is shorter)."""
+    return store.read_head(path, HEAD_BYTES)
 
 
-def sniff(path: str | os.PathLike[str]) -> str:
-    """``"folder"``, ``"index"``, ``"safetensors"``, ``"zip"``, ``"tar"`` or ``"pickle"``."""
+def sniff(path: str | os.PathLike[str], store: Storage = LOCAL) -> str:
+    """The kind of ``path``: one of :data:`KINDS`.
+
+    Args:
+        path: a file or folder in ``store``.
+        store: the storage holding it (local files by default).
+
+    Returns:
+        ``"folder"``, ``"index"`` (a ``*.index.json`` of shards), ``"safetensors"``, ``"zip"``,
+        ``"tar"`` or ``"pickle"``.
+
+    Raises:
+        StorageError: ``path`` does not exist or cannot be read.
+    """
     path = os.fspath(path)
-    if os.path.isdir(path):
+    if store.isdir(path):
         return "folder"
     if path.endswith(".index.json"):
         return "index"
-    return kind_of_head(read_head(path)) or "safetensors"
+    return kind_of_head(read_head(path, store)) or "safetensors"

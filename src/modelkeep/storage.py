@@ -1,22 +1,28 @@
-"""Where files live: local folders by default, fsspec URLs (``memory://``, ``s3://``, ...) behind
-the same small interface.
+"""Where bytes live: local files, or any fsspec URL (``memory://``, ``s3://``, ...), behind a few
+primitives, with the atomic, hashed file writer written once above them.
 
-Everything that reads or writes checkpoint files goes through a :class:`Storage`, so a test can
-hand in one that fails the way a full disk or a broken network does, and a URL works wherever a
-path does. Each write is atomic on every backend: the bytes go to a temporary name that only
-becomes the final name once complete. Locally that is ``engine.write_file`` (fsync + rename +
-folder fsync); on fsspec it is a whole-object write to a temporary key, then a move.
+Every public operation resolves its location with :func:`resolve` (a path or a URL plus
+``storage_options``) and then speaks only to the returned :class:`Storage`. The primitives are
+DCP's ``filesystem.py`` set: open for ranged reads, create a temporary object, commit it under its
+final name, list, test, remove. Locally a commit is fsync + rename + folder fsync (a crash leaves
+the old file or the new one); on an object store it is a whole-object upload to a temporary key
+followed by a move, so a reader never sees a partial object under the final name.
+
+Fast paths stay where they pay: :meth:`Storage.local_path` gives the byte engine an OS path (for
+its parallel ``preadv`` and mapping reads), and a local temporary file can be rewritten in place
+(the digests are filled into the header after the tensors streamed out). Remote backends get the
+same bytes through plain streams.
 """
 
 from __future__ import annotations
 
 import abc
 import contextlib
-import errno
+import dataclasses
 import os
 import posixpath
-import secrets
-from typing import Any, Iterable, Sequence
+import stat
+from typing import Any, BinaryIO, Iterator, Mapping, Sequence
 
 import torch
 
@@ -31,14 +37,34 @@ def is_url(location: str) -> bool:
     return bool(sep) and scheme.isidentifier() and scheme != "file"
 
 
-def open_storage(location: str | os.PathLike[str], **options: Any) -> tuple["Storage", str]:
-    """The storage for ``location`` and the folder name to use inside it."""
+def resolve(
+    location: str | os.PathLike[str], storage_options: Mapping[str, Any] | None = None
+) -> tuple["Storage", str]:
+    """The storage holding ``location`` and the path to use inside it.
+
+    Args:
+        location: an OS path, a ``file://`` URL or any fsspec URL.
+        storage_options: passed to the fsspec file system (credentials, endpoint, ...); must be
+            empty for local paths.
+
+    Returns:
+        ``(storage, path)``: local paths are returned as given (errors name what the user typed).
+
+    Raises:
+        StorageError: the URL's scheme has no installed fsspec backend, or options were given
+            for a local path.
+    """
     location = os.fspath(location)
     if location.startswith("file://"):
         location = location[len("file://") :]
     if is_url(location):
-        return FsspecStorage.from_url(location, **options), location
-    return LocalStorage(), os.path.abspath(location)
+        return FsspecStorage.from_url(location, **dict(storage_options or {})), location
+    if storage_options:
+        raise errors.StorageError(
+            "storage_options were given for a local path", path=location,
+            fix="pass storage_options only with a URL such as s3://bucket/key",
+        )
+    return LOCAL, location
 
 
 def temp_owner_pid(name: str) -> int | None:
@@ -53,53 +79,105 @@ def temp_owner_pid(name: str) -> int | None:
 
 def storage_error(e: BaseException, path: str, action: str) -> errors.StorageError:
     """A StorageError for an OSError (or an fsspec failure) while ``action`` on ``path``."""
-    if isinstance(e, errors.StorageError):
-        return e
-    code = getattr(e, "errno", None)
-    fixes = {
-        errno.ENOSPC: "free disk space or save elsewhere; earlier checkpoints are untouched",
-        errno.EDQUOT: "free quota or save elsewhere; earlier checkpoints are untouched",
-        errno.EFBIG: "the file exceeds a size limit of this file system or process (ulimit -f)",
-        errno.EACCES: "check the folder's permissions",
-        errno.EROFS: "save to a writable location",
-        errno.ENOENT: "check the path",
-    }
-    reason = getattr(e, "strerror", None) or str(e) or type(e).__name__
-    return errors.StorageError(
-        f"{action} failed: {reason}", path=path, fix=fixes.get(code or 0, "check the disk or the store")
-    )
+    return errors.storage_error(e, path, action)
+
+
+@dataclasses.dataclass
+class TempFile:
+    """A temporary object being written; becomes ``final`` on :meth:`Storage.commit`."""
+
+    path: str
+    final: str
+    stream: Any  # a local file descriptor (int) or a writable binary stream
+
+    @property
+    def rewritable(self) -> bool:
+        """Whether bytes already written may be overwritten (the header's digests)."""
+        return isinstance(self.stream, int)
 
 
 class Storage(abc.ABC):
-    """The operations checkpoint code needs. Paths are this storage's own (OS paths or URLs)."""
+    """The primitives every operation needs. Paths are this storage's own (OS paths or URLs)."""
 
+    # -- names -------------------------------------------------------------------------------
     @abc.abstractmethod
     def join(self, folder: str, name: str) -> str: ...
+
+    @abc.abstractmethod
+    def parent(self, path: str) -> str: ...
+
+    def local_path(self, path: str) -> str | None:
+        """An OS path for ``path`` when the storage is the local file system."""
+        return None
+
+    # -- reading -----------------------------------------------------------------------------
+    @abc.abstractmethod
+    def open_read(self, path: str) -> BinaryIO:
+        """A seekable binary stream (``seek``/``read``/``readinto``) of ``path``."""
+
+    @abc.abstractmethod
+    def size(self, path: str) -> int: ...
+
+    @abc.abstractmethod
+    def exists(self, path: str) -> bool: ...
+
+    @abc.abstractmethod
+    def isdir(self, path: str) -> bool: ...
 
     @abc.abstractmethod
     def list_names(self, folder: str) -> list[str]:
         """Names in ``folder`` (empty when it does not exist)."""
 
+    # -- writing -----------------------------------------------------------------------------
     @abc.abstractmethod
     def makedirs(self, folder: str) -> None: ...
 
     @abc.abstractmethod
+    def create_temp(self, final: str) -> TempFile:
+        """A new temporary object beside ``final`` that only this process writes."""
+
+    @abc.abstractmethod
+    def write(self, temp: TempFile, buffers: Sequence[Any]) -> None:
+        """Append byte-like ``buffers`` to ``temp``."""
+
+    @abc.abstractmethod
+    def commit(self, temp: TempFile) -> None:
+        """Make ``temp``'s bytes durable and visible under ``temp.final``, atomically."""
+
+    @abc.abstractmethod
+    def discard(self, temp: TempFile) -> None:
+        """Remove an uncommitted temporary object (never raises)."""
+
+    @abc.abstractmethod
+    def remove(self, path: str) -> None:
+        """Delete ``path``; deleting what is gone is not an error."""
+
+    def delete(self, path: str) -> None:  # the name the checkpoint manager uses
+        self.remove(path)
+
+    # -- operations written once above the primitives ------------------------------------------
+    def read_header(self, path: str) -> format.Header:
+        """The validated safetensors header of ``path``."""
+        with errors.map_os_errors(path, "reading"), self.open_read(path) as stream:
+            return format.read_header(stream, path=path, file_size=self.size(path))
+
+    def read_head(self, path: str, nbytes: int) -> bytes:
+        """The first ``nbytes`` of ``path`` (fewer when it is shorter)."""
+        with errors.map_os_errors(path, "reading"), self.open_read(path) as stream:
+            return stream.read(nbytes)
+
+    def read_tensors(self, path: str, entries: Sequence[format.TensorEntry]) -> dict[str, torch.Tensor]:
+        """New CPU tensors holding the given entries' bytes (see ``modelkeep.sources``)."""
+        from modelkeep.sources import ranges  # layer 3 helper over these primitives
+
+        return ranges.read_tensors(self, path, list(entries))
+
     def write_tensor_file(
-        self, path: str, tensors: Sequence[tuple[str, torch.Tensor]], metadata: dict[str, str]
+        self, path: str, tensors: Sequence[tuple[str, torch.Tensor]], metadata: dict[str, str],
+        *, with_hashes: bool = True,
     ) -> dict[str, str]:
         """Write a safetensors file atomically with per-tensor digests; return the digests."""
-
-    @abc.abstractmethod
-    def read_header(self, path: str) -> format.Header: ...
-
-    @abc.abstractmethod
-    def read_tensors(
-        self, path: str, entries: Iterable[format.TensorEntry]
-    ) -> dict[str, torch.Tensor]:
-        """New CPU tensors holding the given entries' bytes."""
-
-    @abc.abstractmethod
-    def delete(self, path: str) -> None: ...
+        return write_tensor_file(self, path, tensors, metadata, with_hashes=with_hashes)
 
     def remove_stale_temps(self, folder: str) -> list[str]:
         """Delete temporary files in ``folder`` whose writing process is gone; return their names."""
@@ -109,20 +187,127 @@ class Storage(abc.ABC):
             if pid is None or engine.process_alive(pid):
                 continue
             with contextlib.suppress(errors.StorageError):
-                self.delete(self.join(folder, name))
+                self.remove(self.join(folder, name))
                 removed.append(name)
         return removed
 
-    def local_path(self, path: str) -> str | None:
-        """An OS path for ``path`` when the storage is the local file system."""
-        return None
+
+@contextlib.contextmanager
+def atomic_write(store: Storage, path: str) -> Iterator[TempFile]:
+    """Yield a temporary object that replaces ``path`` when the block ends without an error.
+
+    On any exception the temporary object is removed and ``path`` is left as it was.
+    """
+    temp = store.create_temp(path)
+    try:
+        with errors.map_os_errors(path, "writing"):
+            yield temp
+            store.commit(temp)
+    except BaseException:
+        store.discard(temp)
+        raise
+
+
+def write_bytes(store: Storage, path: str, data: bytes) -> None:
+    """Write ``data`` as the whole of ``path``, atomically (an index, a small JSON document).
+
+    Raises:
+        StorageError: writing failed; a file already at ``path`` is untouched.
+    """
+    with atomic_write(store, path) as temp:
+        store.write(temp, [data])
+
+
+def write_tensor_file(
+    store: Storage,
+    path: str,
+    tensors: Sequence[tuple[str, torch.Tensor]],
+    metadata: Mapping[str, str],
+    *,
+    with_hashes: bool = True,
+) -> dict[str, str]:
+    """Write a safetensors file atomically on any storage; return the per-tensor digests.
+
+    Where the temporary file can be rewritten (local files) the digests are computed while the
+    bytes stream out and filled into the header at the end (same-width placeholders); object
+    stores get the digests in a hashing pass over memory first, then one streaming upload.
+
+    Args:
+        store: where to write.
+        path: the final name in ``store``.
+        tensors: ``(name, tensor)`` pairs in file order.
+        metadata: the header's ``__metadata__`` (the hash record is added here).
+        with_hashes: record per-tensor digests.
+
+    Returns:
+        ``{name: hex digest}`` (empty when ``with_hashes`` is False).
+
+    Raises:
+        StorageError: the storage failed; ``path`` is untouched.
+        UnsupportedValueError: a tensor's dtype cannot be stored.
+    """
+    planned = [
+        format.PlannedTensor(name, format.name_from_dtype(t.dtype, item=name), tuple(t.shape))
+        for name, t in tensors
+    ]
+    metadata = dict(metadata)
+    with atomic_write(store, path) as temp:
+        if temp.rewritable:
+            if with_hashes:
+                metadata[format.KEY_HASHES] = engine.hashes_value(
+                    {name: engine.PLACEHOLDER_DIGEST for name, _ in tensors})
+            header = format.encode_header(planned, metadata)
+            engine.write_all(temp.stream, memoryview(header), path)
+            values = engine.write_tensors(temp.stream, (t for _, t in tensors), path)
+            digests = {name: value for (name, _), value in zip(tensors, values)}
+            if with_hashes:
+                final = engine.with_digests(header, planned, metadata, digests)
+                if len(final) != len(header):  # fixed-width hex digests: cannot differ
+                    raise RuntimeError("header length changed while filling in digests")
+                os.pwrite(temp.stream, final, 0)
+            return digests if with_hashes else {}
+        prepared = [(name, engine.cpu_contiguous(t)) for name, t in tensors]
+        digests = {}
+        if with_hashes:
+            for name, tensor in prepared:
+                hasher = engine.new_hasher()
+                hasher.update(engine.tensor_bytes(tensor))
+                digests[name] = hasher.hexdigest()
+            metadata[format.KEY_HASHES] = engine.hashes_value(digests)
+        store.write(temp, [format.encode_header(planned, metadata)])
+        store.write(temp, [engine.tensor_bytes(t) for _, t in prepared])
+        return digests
+
+
+# ---------------------------------------------------------------------------------------------
+# Local files
 
 
 class LocalStorage(Storage):
-    """Local folders; writes go through ``engine.write_file`` (hashed, fsynced, renamed)."""
+    """The local file system: OS paths, fsync + rename commits, the engine's fast reads."""
 
     def join(self, folder: str, name: str) -> str:
         return os.path.join(folder, name)
+
+    def parent(self, path: str) -> str:
+        return os.path.dirname(path)
+
+    def local_path(self, path: str) -> str | None:
+        return path
+
+    def open_read(self, path: str) -> BinaryIO:
+        with errors.map_os_errors(path, "reading"):
+            return open(path, "rb")
+
+    def size(self, path: str) -> int:
+        with errors.map_os_errors(path, "reading"):
+            return os.stat(path).st_size
+
+    def exists(self, path: str) -> bool:
+        return os.path.exists(path)
+
+    def isdir(self, path: str) -> bool:
+        return os.path.isdir(path)
 
     def list_names(self, folder: str) -> list[str]:
         try:
@@ -133,40 +318,62 @@ class LocalStorage(Storage):
             raise storage_error(e, folder, "listing") from e
 
     def makedirs(self, folder: str) -> None:
-        try:
+        with errors.map_os_errors(folder, "creating the folder"):
             os.makedirs(folder, exist_ok=True)
-        except OSError as e:
-            raise storage_error(e, folder, "creating the folder") from e
 
-    def write_tensor_file(
-        self, path: str, tensors: Sequence[tuple[str, torch.Tensor]], metadata: dict[str, str]
-    ) -> dict[str, str]:
+    def create_temp(self, final: str) -> TempFile:
+        final = os.path.realpath(final)  # a symlink is written through: its target is replaced
+        folder = os.path.dirname(final)
+        if not os.path.isdir(folder):
+            raise errors.StorageError("folder does not exist", path=final, fix=f"create {folder} first")
+        engine.remove_stale_temps(final)
+        temp = engine.temp_path_for(final)
+        with errors.map_os_errors(final, "writing"):
+            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         try:
-            return engine.write_file(path, tensors, metadata)
-        except errors.StorageError:
-            raise
+            with contextlib.suppress(FileNotFoundError):
+                os.fchmod(fd, stat.S_IMODE(os.stat(final).st_mode))  # a replaced file keeps its bits
         except OSError as e:
-            raise storage_error(e, path, "writing") from e
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(temp)
+            raise storage_error(e, final, "writing") from e
+        return TempFile(temp, final, fd)
 
-    def read_header(self, path: str) -> format.Header:
-        return format.read_header_file(path)
+    def write(self, temp: TempFile, buffers: Sequence[Any]) -> None:
+        for buffer in buffers:
+            engine.write_all(temp.stream, memoryview(buffer).cast("B"), temp.final)
 
-    def read_tensors(
-        self, path: str, entries: Iterable[format.TensorEntry]
-    ) -> dict[str, torch.Tensor]:
-        return engine.read_tensors(path, list(entries))
+    def commit(self, temp: TempFile) -> None:
+        with errors.map_os_errors(temp.final, "writing"):
+            os.fsync(temp.stream)
+            os.close(temp.stream)
+            temp.stream = -1
+            os.replace(temp.path, temp.final)
+            engine.fsync_folder(os.path.dirname(temp.final))
 
-    def delete(self, path: str) -> None:
+    def discard(self, temp: TempFile) -> None:
+        if isinstance(temp.stream, int) and temp.stream >= 0:
+            with contextlib.suppress(OSError):
+                os.close(temp.stream)
+            temp.stream = -1
+        with contextlib.suppress(OSError):
+            os.unlink(temp.path)
+
+    def remove(self, path: str) -> None:
         try:
             os.unlink(path)
-            engine.fsync_folder(os.path.dirname(path) or ".")
         except FileNotFoundError:
             return
         except OSError as e:
             raise storage_error(e, path, "deleting") from e
 
-    def local_path(self, path: str) -> str | None:
-        return path
+
+LOCAL = LocalStorage()
+
+
+# ---------------------------------------------------------------------------------------------
+# fsspec
 
 
 class FsspecStorage(Storage):
@@ -177,6 +384,7 @@ class FsspecStorage(Storage):
 
     @classmethod
     def from_url(cls, url: str, **options: Any) -> "FsspecStorage":
+        """The storage for ``url``'s scheme, built with ``options`` (fsspec caches instances)."""
         try:
             import fsspec
         except ImportError as e:
@@ -185,7 +393,7 @@ class FsspecStorage(Storage):
             ) from e
         try:
             fs, _ = fsspec.core.url_to_fs(url, **options)
-        except (ImportError, ValueError) as e:
+        except (ImportError, ValueError, TypeError) as e:
             raise errors.StorageError(
                 f"no file system for this URL: {e}", path=url, fix="install the fsspec backend it names"
             ) from e
@@ -193,6 +401,26 @@ class FsspecStorage(Storage):
 
     def join(self, folder: str, name: str) -> str:
         return posixpath.join(folder, name)
+
+    def parent(self, path: str) -> str:
+        scheme, sep, rest = path.partition("://")
+        return f"{scheme}{sep}{posixpath.dirname(rest)}" if sep else posixpath.dirname(path)
+
+    def open_read(self, path: str) -> BinaryIO:
+        with errors.map_os_errors(path, "reading"):
+            return self.fs.open(path, "rb")
+
+    def size(self, path: str) -> int:
+        with errors.map_os_errors(path, "reading"):
+            return int(self.fs.size(path))
+
+    def exists(self, path: str) -> bool:
+        with errors.map_os_errors(path, "reading"):
+            return bool(self.fs.exists(path))
+
+    def isdir(self, path: str) -> bool:
+        with errors.map_os_errors(path, "reading"):
+            return bool(self.fs.isdir(path))
 
     def list_names(self, folder: str) -> list[str]:
         try:
@@ -206,83 +434,32 @@ class FsspecStorage(Storage):
         return sorted(posixpath.basename(str(p).rstrip("/")) for p in listed)
 
     def makedirs(self, folder: str) -> None:
-        try:
+        with errors.map_os_errors(folder, "creating the folder"):
             self.fs.makedirs(folder, exist_ok=True)
-        except Exception as e:
-            raise storage_error(e, folder, "creating the folder") from e
 
-    def write_tensor_file(
-        self, path: str, tensors: Sequence[tuple[str, torch.Tensor]], metadata: dict[str, str]
-    ) -> dict[str, str]:
-        # Objects cannot be rewritten in place, so digests come first (a hashing pass over
-        # memory), then the header, then the bytes in one streaming write.
-        prepared = [(name, engine.cpu_contiguous(t)) for name, t in tensors]
-        digests = {}
-        for name, tensor in prepared:
-            hasher = engine.new_hasher()
-            hasher.update(engine.tensor_bytes(tensor))
-            digests[name] = hasher.hexdigest()
-        metadata = dict(metadata)
-        metadata[format.KEY_HASHES] = format.dumps(
-            {"algorithm": engine.HASH_ALGORITHM, "tensors": digests}
-        )
-        planned = [
-            format.PlannedTensor(name, format.name_from_dtype(t.dtype, item=name), tuple(t.shape))
-            for name, t in prepared
-        ]
-        header = format.encode_header(planned, metadata)
-        folder, name = posixpath.split(path)
-        temp = posixpath.join(folder, f".{name}.{os.getpid()}-{secrets.token_hex(4)}{TEMP_SUFFIX}")
-        try:
-            with self.fs.open(temp, "wb") as stream:
-                stream.write(header)
-                for _, tensor in prepared:
-                    stream.write(engine.tensor_bytes(tensor))
-            self.fs.mv(temp, path)
-        except Exception as e:
-            with contextlib.suppress(Exception):
-                self.fs.rm(temp)
-            raise storage_error(e, path, "writing") from e
-        return digests
+    def create_temp(self, final: str) -> TempFile:
+        folder, name = posixpath.split(final)
+        temp = posixpath.join(folder, posixpath.basename(engine.temp_path_for(name)))
+        with errors.map_os_errors(final, "writing"):
+            return TempFile(temp, final, self.fs.open(temp, "wb"))
 
-    def read_header(self, path: str) -> format.Header:
-        try:
-            size = self.fs.size(path)
-            with self.fs.open(path, "rb") as stream:
-                return format.read_header(stream, path=path, file_size=size)
-        except errors.ModelkeepError:
-            raise
-        except FileNotFoundError as e:
-            raise errors.StorageError("no such file", path=path, fix="check the path") from e
-        except Exception as e:
-            raise storage_error(e, path, "reading") from e
+    def write(self, temp: TempFile, buffers: Sequence[Any]) -> None:
+        with errors.map_os_errors(temp.final, "writing"):
+            for buffer in buffers:
+                temp.stream.write(buffer)
 
-    def read_tensors(
-        self, path: str, entries: Iterable[format.TensorEntry]
-    ) -> dict[str, torch.Tensor]:
-        out: dict[str, torch.Tensor] = {}
-        try:
-            with self.fs.open(path, "rb") as stream:
-                for entry in sorted(entries, key=lambda e: e.begin):
-                    tensor = torch.empty(entry.shape, dtype=entry.torch_dtype)
-                    view = engine.tensor_bytes(tensor)
-                    stream.seek(entry.begin)
-                    while len(view):
-                        count = stream.readinto(view)
-                        if not count:
-                            raise errors.FormatError(
-                                "file ended before its data", path=path, item=entry.name,
-                                fix="the object was truncated; save it again",
-                            )
-                        view = view[count:]
-                    out[entry.name] = tensor
-        except errors.ModelkeepError:
-            raise
-        except Exception as e:
-            raise storage_error(e, path, "reading") from e
-        return out
+    def commit(self, temp: TempFile) -> None:
+        with errors.map_os_errors(temp.final, "writing"):
+            temp.stream.close()
+            self.fs.mv(temp.path, temp.final)
 
-    def delete(self, path: str) -> None:
+    def discard(self, temp: TempFile) -> None:
+        with contextlib.suppress(Exception):
+            temp.stream.close()
+        with contextlib.suppress(Exception):
+            self.fs.rm(temp.path)
+
+    def remove(self, path: str) -> None:
         try:
             self.fs.rm(path)
         except FileNotFoundError:

@@ -14,7 +14,7 @@ from typing import Iterator
 
 import torch
 
-from modelkeep import api, format
+from modelkeep import api, format, weights
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 WEIGHTS = os.path.join(HERE, "weights_v1.safetensors")
@@ -53,12 +53,12 @@ def dtypes_state() -> dict[str, torch.Tensor]:
 @contextlib.contextmanager
 def fixed_producer() -> Iterator[None]:
     """The producer record names versions; pin it so the bytes do not change with them."""
-    original = api.producer
-    api.producer = lambda: PRODUCER
+    original = weights.producer
+    weights.producer = lambda: PRODUCER
     try:
         yield
     finally:
-        api.producer = original
+        weights.producer = original
 
 
 def write(weights_path: str = WEIGHTS, dtypes_path: str = DTYPES) -> None:

@@ -6,7 +6,7 @@ its shapes are compared with the file. Some builders compute real tensors while 
 (detection anchors, regnet widths); for those the build is repeated with only the *parameters*
 sent to the meta device as they are registered, so computed attributes keep their values.
 
-Loading is then ``build_model`` (record -> module on meta) and ``fill`` (``api.load_weights`` into
+Loading is then ``build_model`` (record -> module on meta) and ``fill`` (``weights.load_into`` into
 it, plus the tensors a state dict leaves out: non-persistent buffers and graph constants).
 """
 
@@ -18,7 +18,9 @@ from typing import Any, Callable, Iterator, Mapping
 
 import torch
 
-from modelkeep import api, engine, errors, format
+from modelkeep import errors, format, weights
+from modelkeep.sources import ranges
+from modelkeep.sources.safetensors import SafetensorsSource, named_entries
 from modelkeep.arch import factories, graph, modules, records, verify
 
 _hook_lock = threading.RLock()
@@ -197,19 +199,20 @@ BUFFER_PREFIX = "modelkeep.buffer."
 
 
 def build_model(
-    record: dict[str, Any], header: format.Header, *, trust: tuple[str, ...]
+    record: dict[str, Any], source: SafetensorsSource, *, trust: tuple[str, ...]
 ) -> tuple[torch.nn.Module, dict[str, str]]:
     """The module a record describes, parameters on the meta device, and ``{fqn: stored name}``
     of the tensors to put back after the state dict is filled (non-persistent buffers,
     constants)."""
-    path = header.path
+    header = source.header
+    path = source.location
     strategy = records.check_envelope(record, path=path)
     stored = _stored(header)
     state_shapes = {n: shape for n, (shape, _) in stored.items() if not n.startswith(records.EXTRA_PREFIX)}
     if strategy == "graph":
         def read(names: list[str]) -> dict[str, torch.Tensor]:
-            entries = _entries(header)
-            return engine.read_tensors(path, [entries[n] for n in dict.fromkeys(names)])
+            entries = source.entries()
+            return ranges.read_tensors(source.store, path, [entries[n] for n in dict.fromkeys(names)])
 
         model = graph.build(record, path=path, shapes=stored, read=read)
         extras = records.string_map(record, "constants", path=path, names=records.FQN_PATTERN)
@@ -241,20 +244,13 @@ def build_model(
     return model, extras
 
 
-def _entries(header: format.Header) -> dict[str, format.TensorEntry]:
-    entries = dict(header.entries)
-    for alias, target in header.aliases.items():
-        entries[alias] = header.entries[target]
-    return entries
-
-
 def _stored(header: format.Header) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-    return {name: (entry.shape, entry.torch_dtype) for name, entry in _entries(header).items()}
+    return {name: (entry.shape, entry.torch_dtype) for name, entry in named_entries(header).items()}
 
 
 def fill(
     model: torch.nn.Module,
-    header: format.Header,
+    source: SafetensorsSource,
     extras: Mapping[str, str],
     *,
     device: torch.device | str | None,
@@ -265,7 +261,8 @@ def fill(
 
     With ``mmap`` (CPU only) the tensors become copy-on-write views of a private mapping of the
     file: nothing is copied up front, pages arrive as the first forward pass touches them."""
-    entries = _entries(header)
+    header = source.header
+    entries = source.entries()
     state_shapes = {n: e.shape for n, e in entries.items() if not n.startswith(records.EXTRA_PREFIX)}
     verify.check_shapes(
         verify.shapes_of(model), state_shapes, what="the architecture record", path=header.path,
@@ -276,13 +273,15 @@ def fill(
         raise records.bad_record(header.path, f"tensors {missing[:5]} are named but not stored", "buffers")
     adopt_dtypes(model, {n: e.torch_dtype for n, e in entries.items()})
     _tie(model, header.aliases)
-    values = engine.read_tensors(
-        header.path, [entries[s] for s in dict.fromkeys(extras.values())], device=device or "cpu"
+    values = ranges.read_tensors(
+        source.store, source.location, [entries[s] for s in dict.fromkeys(extras.values())],
+        device=device or "cpu",
     )
     _put_extras(model, extras, values, header.path)  # so that no meta tensor is left unfilled
     on_cpu = device is None or torch.device(device).type == "cpu"
-    if not (mmap and on_cpu and _map_into(model, header, entries)):
-        api.load_weights(model, header.path, strict=False, device=device)
+    local = source.store.local_path(source.location)
+    if not (mmap and on_cpu and local is not None and _map_into(model, header, entries, local)):
+        weights.load_into(model, source, strict=False, device=device)
     _put_extras(model, extras, values, header.path)  # materialising replaced them with empty memory
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if left:
@@ -294,7 +293,9 @@ def fill(
     model.eval()
 
 
-def _map_into(model: torch.nn.Module, header: format.Header, entries: Mapping[str, format.TensorEntry]) -> bool:
+def _map_into(
+    model: torch.nn.Module, header: format.Header, entries: Mapping[str, format.TensorEntry], local: str
+) -> bool:
     """Replace every state-dict tensor by a view of a private mapping of the file. False (and
     nothing changed) when some name is not a plain parameter/buffer or some entry is not
     aligned for its dtype; the caller then copies."""
@@ -310,7 +311,7 @@ def _map_into(model: torch.nn.Module, header: format.Header, entries: Mapping[st
         entry = entries[name]
         if entry.torch_dtype != tensor.dtype or entry.begin % entry.torch_dtype.itemsize:
             return False
-    storage = torch.UntypedStorage.from_file(header.path, shared=False, nbytes=header.file_size)
+    storage = torch.UntypedStorage.from_file(local, shared=False, nbytes=header.file_size)
     views: dict[int, torch.Tensor] = {}
     for name, tensor in state.items():
         if id(tensor) not in views:

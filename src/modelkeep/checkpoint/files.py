@@ -15,92 +15,25 @@ from typing import Any, Mapping
 
 import torch
 
-from modelkeep import api, engine, errors, format, storage
-from modelkeep.checkpoint import tree
+from modelkeep import api, errors, format, storage, weights
+from modelkeep.sources import checkpoint as checkpoint_source
+from modelkeep.sources import state_tree as tree
 
-STATE_VERSION = 1
-KIND = "checkpoint"
+STATE_VERSION = checkpoint_source.STATE_VERSION
+KIND = checkpoint_source.KIND
 
 
 def encode_state(state: Any) -> tuple[dict[str, str], list[tuple[str, torch.Tensor]]]:
     """The header metadata and the tensors of a checkpoint file holding ``state``."""
     encoded = tree.encode(state)
-    metadata = api.modelkeep_metadata(KIND, {})
+    metadata = weights.modelkeep_metadata(KIND, {})
     metadata[format.KEY_STATE] = format.dumps({"version": STATE_VERSION, "tree": encoded.tree})
     return metadata, encoded.tensors
 
 
-def _bad(path: str, what: str, item: str = format.KEY_STATE) -> errors.FormatError:
-    return errors.FormatError(what, path=path, item=item,
-                              fix="the file is damaged or not a modelkeep checkpoint; use an intact one")
-
-
-def state_tree(header: format.Header) -> Any:
-    """The raw (still tagged) tree of a checkpoint's header."""
-    if header.kind != KIND:
-        raise errors.FormatError(
-            f"is a {header.kind!r} file, not a checkpoint", path=header.path, item=format.KEY_KIND,
-            fix="load weights with modelkeep.load_weights; checkpoints come from modelkeep.Checkpointer",
-        )
-    document = header.modelkeep_value(format.KEY_STATE)
-    if not isinstance(document, dict) or set(document) != {"version", "tree"}:
-        raise _bad(header.path, "checkpoint state must be {version, tree}")
-    if document["version"] != STATE_VERSION:
-        raise errors.FormatError(
-            f"checkpoint state version {document['version']!r} is not supported", path=header.path,
-            item=format.KEY_STATE, fix="upgrade modelkeep to read this checkpoint",
-        )
-    return document["tree"]
-
-
-def _recorded_digests(header: format.Header) -> dict[str, str] | None:
-    record = header.modelkeep_value(format.KEY_HASHES)
-    if record is None:
-        return None
-    if (not isinstance(record, dict) or record.get("algorithm") != engine.HASH_ALGORITHM
-            or not isinstance(record.get("tensors"), dict)):
-        raise _bad(header.path, "hash record is malformed or of an unknown algorithm", format.KEY_HASHES)
-    return record["tensors"]
-
-
-def verify_tensors(header: format.Header, tensors: Mapping[str, torch.Tensor]) -> None:
-    """Compare the bytes read with the digests recorded at save time (IntegrityError if not)."""
-    digests = _recorded_digests(header)
-    if digests is None:
-        return
-    for name, tensor in tensors.items():
-        expected = digests.get(name)
-        if expected is None:
-            raise errors.IntegrityError("tensor has no recorded digest", path=header.path, item=name,
-                                        fix="the file was edited; use an intact checkpoint")
-        hasher = engine.new_hasher()
-        hasher.update(engine.tensor_bytes(tensor))
-        if hasher.hexdigest() != expected:
-            raise errors.IntegrityError(
-                "bytes do not match the digest recorded when the checkpoint was saved",
-                path=header.path, item=name,
-                fix="the file is corrupt; restore an earlier checkpoint",
-            )
-
-
-def load(
-    store: storage.Storage,
-    path: str,
-    *,
-    header: format.Header | None = None,
-    verify: bool = True,
-    device: torch.device | str = "cpu",
-) -> tuple[format.Header, Any]:
-    """Read a checkpoint: its header and its nested state with every tensor in memory."""
-    header = header if header is not None else store.read_header(path)
-    raw = state_tree(header)
-    tensors = store.read_tensors(path, header.entries.values())
-    if verify:
-        verify_tensors(header, tensors)
-    device = torch.device(device)
-    if device.type != "cpu":
-        tensors = {name: t.to(device) for name, t in tensors.items()}
-    return header, tree.decode(raw, tensors, path=path)
+state_tree = checkpoint_source.state_tree_of  # the raw tagged tree of a checkpoint's header
+verify_tensors = checkpoint_source.verify_tensors
+load = checkpoint_source.read_checkpoint  # (store, path, *, header, verify, device) -> (header, state)
 
 
 def read_state(
@@ -109,11 +42,25 @@ def read_state(
     *,
     device: torch.device | str = "cpu",
     verify: bool = True,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> Any:
-    """The nested state of the checkpoint at ``path`` (a local path or a URL): dicts, lists,
-    numbers, strings, tensors and numpy arrays, every tensor checked against its digest."""
-    store, location = storage.open_storage(path)
-    return load(store, location, header=header, verify=verify, device=device)[1]
+    """The nested state of the checkpoint at ``path``, every tensor checked against its digest.
+
+    Args:
+        path: a local path or an fsspec URL.
+        header: its header when already read.
+        device: where the tensors go.
+        verify: check every tensor's digest.
+        storage_options: for the fsspec file system of a URL.
+
+    Returns:
+        Dicts, lists, numbers, strings, tensors and numpy arrays.
+
+    Raises:
+        FormatError: not a checkpoint. IntegrityError: a tensor changed. StorageError: unreadable.
+    """
+    store, location = storage.resolve(path, storage_options)
+    return checkpoint_source.read_checkpoint(store, location, header=header, verify=verify, device=device)[1]
 
 
 # --------------------------------------------------------------------------------------------
@@ -184,28 +131,21 @@ def _scalars(value: Any) -> bool:
     return isinstance(value, list) and all(not isinstance(v, (dict, list)) for v in value)
 
 
-def model_weights(checkpoint_path: str | os.PathLike[str], *, verify: bool = True) -> dict[str, torch.Tensor]:
+def model_weights(
+    checkpoint_path: str | os.PathLike[str],
+    *,
+    verify: bool = True,
+    storage_options: Mapping[str, Any] | None = None,
+) -> dict[str, torch.Tensor]:
     """The model state dict of a checkpoint, reading only its tensors; names that were one
-    tensor when saved (tied weights) are one tensor here too."""
-    store, location = storage.open_storage(checkpoint_path)
-    header = store.read_header(location)
-    raw = state_tree(header)
-    model = raw.get("model") if isinstance(raw, dict) else None
-    if not isinstance(model, dict) or not all(
-        isinstance(v, dict) and set(v) <= {"$tensor", "device"} for v in model.values()
-    ):
-        raise errors.KeyMismatchError(
-            "checkpoint holds no model weights", path=location, item="model",
-            fix="save the checkpoint with save(step, model=...)",
-        )
-    names = tree.tensor_names(model)
-    missing = sorted(n for n in names if n not in header.entries)
-    if missing:
-        raise _bad(location, f"model state names tensors the file does not hold: {missing[:5]}")
-    tensors = store.read_tensors(location, [header.entries[n] for n in names])
-    if verify:
-        verify_tensors(header, tensors)
-    return tree.decode(model, tensors, path=location)
+    tensor when saved (tied weights) are one tensor here too.
+
+    Raises:
+        KeyMismatchError: the checkpoint holds no model. IntegrityError: a tensor changed.
+    """
+    store, location = storage.resolve(checkpoint_path, storage_options)
+    source = checkpoint_source.CheckpointSource(store, location, store.read_header(location))
+    return source.tensors() if verify else source.tensors_unverified()
 
 
 def extract_weights(
@@ -213,12 +153,14 @@ def extract_weights(
     dst: str | os.PathLike[str],
     *,
     metadata: Mapping[str, str] | None = None,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> dict[str, str]:
     """Write the model weights of a checkpoint to ``dst`` as a modelkeep weights file.
 
     Tied tensors stay stored once. Returns the per-tensor digests of the new file.
     """
-    return api.save_weights(model_weights(checkpoint_path), dst, metadata=metadata)
+    state = model_weights(checkpoint_path, storage_options=storage_options)
+    return api.save_weights(state, dst, metadata=metadata, storage_options=storage_options)
 
 
 # --------------------------------------------------------------------------------------------

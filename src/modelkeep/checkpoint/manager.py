@@ -18,9 +18,10 @@ import re
 import threading
 from typing import Any, Literal, Mapping
 
-from modelkeep import errors
+from modelkeep import errors, reading
 from modelkeep import storage as stores
-from modelkeep.checkpoint import capture, files, tree, writer
+from modelkeep.checkpoint import capture, files, writer
+from modelkeep.sources import state_tree as tree
 from modelkeep.checkpoint import snapshot as snapshot_mod
 from modelkeep.checkpoint import retention as keep
 
@@ -82,9 +83,10 @@ class Checkpointer:
         max_in_flight: int = 1,
         snapshot: Literal["overlap", "copy"] = "overlap",
         storage: stores.Storage | None = None,
+        storage_options: Mapping[str, Any] | None = None,
     ) -> None:
         if storage is None:
-            self.storage, self.directory = _open(directory)
+            self.storage, self.directory = _open(directory, storage_options)
         else:
             self.storage, self.directory = storage, os.fspath(directory)
         self.policy = retention if retention is not None else _policy(
@@ -361,14 +363,13 @@ class Checkpointer:
         trust: tuple[str, ...] = (),
         on_unknown: str = "error",
         overwrite: bool = False,
+        storage_options: Mapping[str, Any] | None = None,
     ) -> int:
         """Import a ``torch.save`` training checkpoint, read without running its pickle, as a
         committed step of this directory; return the step. Its model, optimizer, scheduler and
         scaler states go to their roles, everything else to ``extra``."""
-        from modelkeep import reading
-
         source = os.fspath(source)
-        data = reading.read(source, trust=trust, on_unknown=on_unknown)
+        data = reading.read(source, trust=trust, on_unknown=on_unknown, storage_options=storage_options)
         step, state = files.state_from_torch(data, step, source)
         self._check_step(step, overwrite)
         self._save_state(step, state)
@@ -376,8 +377,11 @@ class Checkpointer:
         return step
 
 
-def _open(directory: str | os.PathLike[str]) -> tuple[stores.Storage, str]:
-    return stores.open_storage(directory)
+def _open(
+    directory: str | os.PathLike[str], storage_options: Mapping[str, Any] | None
+) -> tuple[stores.Storage, str]:
+    store, folder = stores.resolve(directory, storage_options)
+    return store, (os.path.abspath(folder) if store.local_path(folder) is not None else folder)
 
 
 def _policy(keep_last: int | None, keep_best: int | None, keep_every: int | None,

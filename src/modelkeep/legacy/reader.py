@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Any, Iterable, Sequence
 
@@ -10,17 +11,22 @@ import torch
 from modelkeep import errors
 from modelkeep.legacy import loader, statedict, trusted
 from modelkeep.legacy.policy import REFS, VALUES
-from modelkeep.legacy.limits import DEFAULT_LIMITS, Limits
+from modelkeep.options import DEFAULT_READ_OPTIONS, ReadOptions
 
 MODULE_KEYS = ("model", "module", "net", "network", "ema", "model_ema")
+
+
+def _contents(path: str | os.PathLike[str], mode: str, options: ReadOptions) -> loader.Contents:
+    return loader.read_contents(
+        os.fspath(path), mode=mode, trust=trusted.Trust(options.trust), on_unknown=options.on_unknown,
+        limits=options.limits,
+    )
 
 
 def read(
     path: str | os.PathLike[str],
     *,
-    trust: Iterable[str] | str = (),
-    on_unknown: str = "error",
-    limits: Limits | None = None,
+    options: ReadOptions = DEFAULT_READ_OPTIONS,
 ) -> Any:
     """What ``torch.load(path, weights_only=False)`` would return, built without running the file.
 
@@ -30,10 +36,7 @@ def read(
     becomes an inert ``Placeholder``. A TorchScript archive reads as
     ``{"data": <module record>, "constants": <tuple>}``.
     """
-    contents = loader.read_contents(
-        os.fspath(path), mode=VALUES, trust=trusted.Trust(trust), on_unknown=on_unknown,
-        limits=limits or DEFAULT_LIMITS,
-    )
+    contents = _contents(path, VALUES, options)
     if contents.container == "torchscript":
         return {"data": contents.value, "constants": contents.constants}
     return contents.value
@@ -65,17 +68,12 @@ class LegacyWeights:
 def open_weights(
     path: str | os.PathLike[str],
     *,
-    trust: Iterable[str] | str = (),
-    on_unknown: str = "error",
-    limits: Limits | None = None,
+    options: ReadOptions = DEFAULT_READ_OPTIONS,
 ) -> LegacyWeights:
     """Find the state dict of a torch.save file (directly saved, under a checkpoint key such as
     ``state_dict``/``model``, inside a whole pickled module, or a TorchScript module's parameters
     and buffers) without building anything or importing any class."""
-    contents = loader.read_contents(
-        os.fspath(path), mode=REFS, trust=trusted.Trust(trust), on_unknown=on_unknown,
-        limits=limits or DEFAULT_LIMITS,
-    )
+    contents = _contents(path, REFS, options)
     try:
         state, key = statedict.find(contents)
     except errors.ModelkeepError:
@@ -88,25 +86,22 @@ def open_weights(
 def read_state_dict(
     path: str | os.PathLike[str],
     *,
-    trust: Iterable[str] | str = (),
-    on_unknown: str = "error",
+    options: ReadOptions = DEFAULT_READ_OPTIONS,
     device: torch.device | str = "cpu",
-    limits: Limits | None = None,
 ) -> dict[str, torch.Tensor]:
     """``{name: tensor}`` of a torch.save file's state dict (see ``open_weights``)."""
-    return open_weights(path, trust=trust, on_unknown=on_unknown, limits=limits).tensors(device)
+    return open_weights(path, options=options).tensors(device)
 
 
 def read_module(
     path: str | os.PathLike[str],
     *,
-    trust: Iterable[str] | str = (),
-    limits: Limits | None = None,
+    options: ReadOptions = DEFAULT_READ_OPTIONS,
 ) -> torch.nn.Module:
     """The whole ``nn.Module`` pickled in a torch.save file (``torch.save(model, path)``), rebuilt
     from trusted classes only and left in the training mode it was saved in. A checkpoint that
     holds the module under ``model``/``module``/``net``/``ema`` works too."""
-    value = read(path, trust=trust, limits=limits)
+    value = read(path, options=dataclasses.replace(options, on_unknown="error"))
     if isinstance(value, torch.nn.Module):
         return value
     if isinstance(value, dict):

@@ -71,7 +71,8 @@ def to_jsonable(value: Any) -> Any:
 
 
 def _resolve_model(
-    model_or_path: Any, spec: Any, device: torch.device | str | None
+    model_or_path: Any, spec: Any, device: torch.device | str | None,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> tuple[torch.nn.Module, spec_module.InferenceSpec | None]:
     explicit = spec_module.coerce(spec)
     if isinstance(model_or_path, torch.nn.Module):
@@ -80,11 +81,13 @@ def _resolve_model(
             model.to(device)
         return model, explicit or spec_module.attached(model)
     if isinstance(model_or_path, (str, os.PathLike)):
-        from modelkeep import api, models
+        from modelkeep import models, storage
 
         path = os.fspath(model_or_path)
-        stored = spec_module.read(path) if sniffing.sniff(path) == "safetensors" else None  # torch.save files have none
-        model = models.load(path, device=device)
+        store, where = storage.resolve(path, storage_options)
+        # torch.save files record no spec; modelkeep files may
+        stored = spec_module.read(path, storage_options=storage_options) if sniffing.sniff(where, store) == "safetensors" else None
+        model = models.load(path, device=device, storage_options=storage_options)
         return model, explicit or stored or spec_module.attached(model)
     raise errors.UnsupportedValueError(
         f"cannot predict with a {type(model_or_path).__name__}",
@@ -196,6 +199,7 @@ def predict(
     spec: spec_module.InferenceSpec | Mapping[str, Any] | None = None,
     batch_size: int = DEFAULT_BATCH_SIZE,
     device: torch.device | str | None = None,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> list[Prediction]:
     """Predict on ``inputs`` with a model or a saved model file; one Prediction per sample.
 
@@ -203,6 +207,23 @@ def predict(
     ``.safetensors`` paths, PIL images, tensors or arrays, or a list of them. The spec comes from
     ``spec=``, the file, or the model (``create`` with named weights attaches one); without one,
     tensors go to the model as they are and a [batch, classes] output is read as logits.
+
+    Args:
+        model_or_path: an ``nn.Module``, or a model file saved with ``modelkeep.save`` (or a
+            torch.save'd whole module of trusted classes): a path or an fsspec URL.
+        inputs: one input or a list of them (see above).
+        topk: how many classes each Prediction ranks.
+        spec: the inference spec to use instead of the recorded one.
+        batch_size: samples per forward pass.
+        device: where the model runs.
+        storage_options: for the fsspec file system of a model URL.
+
+    Returns:
+        One Prediction per sample, in input order.
+
+    Raises:
+        UnsupportedValueError: an argument is invalid. FormatError: an input or the model file
+        cannot be read. StorageError: a file is missing or unreadable.
     """
     if isinstance(topk, bool) or not isinstance(topk, int) or topk < 1:
         raise errors.UnsupportedValueError(f"topk must be a positive integer, got {topk!r}", item="topk")
@@ -210,7 +231,7 @@ def predict(
         raise errors.UnsupportedValueError(
             f"batch_size must be a positive integer, got {batch_size!r}", item="batch_size"
         )
-    model, inference = _resolve_model(model_or_path, spec, device)
+    model, inference = _resolve_model(model_or_path, spec, device, storage_options)
     items = preprocess.gather(inputs, inference)
     model_device, model_dtype = _placement(model)
     was_training = model.training

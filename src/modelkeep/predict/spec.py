@@ -336,11 +336,13 @@ def from_header(header: format.Header) -> InferenceSpec | None:
     return _from_json(document, path=header.path)
 
 
-def read(path: str | os.PathLike[str]) -> InferenceSpec | None:
+def read(
+    path: str | os.PathLike[str], *, storage_options: Mapping[str, Any] | None = None
+) -> InferenceSpec | None:
     """The spec recorded in the modelkeep file at ``path`` (None when it has none)."""
-    from modelkeep import api
+    from modelkeep import reading
 
-    return from_header(api.open_header(os.fspath(path)))
+    return from_header(reading.read_header(os.fspath(path), storage_options=storage_options))
 
 
 # The attribute under which a model built by modelkeep (``create`` with named weights, ``load``)

@@ -1,0 +1,168 @@
+"""Reading a safetensors file's byte ranges from any storage into destination tensors.
+
+Local files go to the byte engine (parallel ``preadv`` or a mapping copy, straight into the
+destinations' memory). Other storages are read through their stream: one ranged read per tensor
+in file order, into the destination's own memory when it can take the file's bytes as they are,
+else into a staging tensor of the file's dtype followed by one ``copy_`` (another dtype, device
+or layout), one staging buffer at a time.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Callable, Sequence
+
+import torch
+
+from modelkeep import engine, errors, format
+from modelkeep.storage import Storage
+
+Pair = tuple[format.TensorEntry, torch.Tensor]
+
+
+def read_into(
+    store: Storage,
+    path: str,
+    pairs: Sequence[Pair],
+    *,
+    threads: int | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> int:
+    """Fill each destination with its entry's bytes; return the bytes read.
+
+    Args:
+        store: the storage holding ``path``.
+        path: a safetensors file whose header gave the entries.
+        pairs: ``(entry, destination)``; destinations have the entry's shape, any dtype/device.
+        threads: reader threads for local files (the engine's default when None).
+        progress: called with byte counts as they arrive.
+
+    Returns:
+        The number of bytes read from the file.
+
+    Raises:
+        StorageError: reading failed.
+        FormatError: the file ended before an entry's bytes.
+    """
+    local = store.local_path(path)
+    if local is not None:
+        return engine.read_into(local, pairs, threads=threads, progress=progress)
+    total = 0
+    with errors.map_os_errors(path, "reading"), store.open_read(path) as stream:
+        for entry, destination in sorted(pairs, key=lambda pair: pair[0].begin):
+            if entry.nbytes == 0:
+                continue
+            direct = engine.accepts_raw_bytes(destination, entry)
+            target = destination if direct else torch.empty(entry.shape, dtype=entry.torch_dtype)
+            _read_exactly(stream, entry, engine.tensor_bytes(target), path)
+            if not direct:
+                with torch.no_grad():
+                    destination.copy_(target)
+            total += entry.nbytes
+            if progress is not None:
+                progress(entry.nbytes)
+    return total
+
+
+def _read_exactly(stream: object, entry: format.TensorEntry, view: memoryview, path: str) -> None:
+    stream.seek(entry.begin)  # type: ignore[attr-defined]
+    while len(view):
+        count = stream.readinto(view)  # type: ignore[attr-defined]
+        if not count:
+            raise errors.FormatError(
+                "file ended before its data", path=path, item=entry.name,
+                fix="the file or object was truncated; save it again",
+            )
+        view = view[count:]
+
+
+def read_tensors(
+    store: Storage,
+    path: str,
+    entries: Sequence[format.TensorEntry],
+    *,
+    device: torch.device | str = "cpu",
+    threads: int | None = None,
+) -> dict[str, torch.Tensor]:
+    """New tensors holding the given entries, on ``device``.
+
+    Args:
+        store: the storage holding ``path``.
+        path: the safetensors file.
+        entries: the header entries to read.
+        device: where the tensors go (read on the CPU, then moved).
+        threads: reader threads for local files.
+
+    Returns:
+        ``{entry name: tensor}``.
+
+    Raises:
+        StorageError, FormatError: as :func:`read_into`.
+    """
+    local = store.local_path(path)
+    if local is not None:
+        return engine.read_tensors(local, entries, device=device, threads=threads)
+    out = {e.name: engine.allocate(e.shape, e.torch_dtype) for e in entries}
+    read_into(store, path, [(e, out[e.name]) for e in entries])
+    device = torch.device(device)
+    if device.type != "cpu":
+        out = {name: tensor.to(device) for name, tensor in out.items()}
+    return out
+
+
+def digests_of(
+    store: Storage,
+    path: str,
+    entries: Sequence[format.TensorEntry],
+    *,
+    progress: Callable[[int], None] | None = None,
+) -> dict[str, str]:
+    """The digest of each entry's bytes as stored, read in bounded chunks.
+
+    Args:
+        store: the storage holding ``path``.
+        path: a safetensors file.
+        entries: the entries to hash.
+        progress: called with each entry's byte count when it is done.
+
+    Returns:
+        ``{entry name: hex digest}``.
+
+    Raises:
+        StorageError: reading failed.
+    """
+    local = store.local_path(path)
+    out: dict[str, str] = {}
+    if local is not None:
+        import concurrent.futures
+
+        with errors.map_os_errors(path, "reading"):
+            fd = os.open(local, os.O_RDONLY)
+        try:
+            def one(entry: format.TensorEntry) -> tuple[str, str]:
+                digest = engine.digest_range(fd, entry.begin, entry.end, path)
+                if progress is not None:
+                    progress(entry.nbytes)
+                return entry.name, digest
+
+            with concurrent.futures.ThreadPoolExecutor(engine.io_threads()) as pool:
+                out.update(pool.map(one, entries))
+        finally:
+            os.close(fd)
+        return out
+    with errors.map_os_errors(path, "reading"), store.open_read(path) as stream:
+        for entry in sorted(entries, key=lambda e: e.begin):
+            hasher = engine.new_hasher()
+            stream.seek(entry.begin)
+            remaining = entry.nbytes
+            while remaining:
+                chunk = stream.read(min(remaining, engine.CHUNK_BYTES))
+                if not chunk:
+                    raise errors.FormatError("file ended before its data", path=path, item=entry.name,
+                                             fix="the file or object was truncated; save it again")
+                hasher.update(chunk)
+                remaining -= len(chunk)
+            out[entry.name] = hasher.hexdigest()
+            if progress is not None:
+                progress(entry.nbytes)
+    return out

@@ -1,0 +1,98 @@
+"""torch.save files (zip, legacy stream, pre-1.0 tar, TorchScript) from any storage.
+
+The restricted pickle reader in :mod:`modelkeep.legacy` needs random access to a local file (it
+maps the archive and checks every member in place). A file on an object store is therefore first
+copied, as bytes, into a private temporary file (``$MODELKEEP_SPOOL`` or the system's temporary
+folder), which lives as long as the source reading from it; nothing in it is run either way.
+Errors name the URL the caller gave, not the temporary copy.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+import weakref
+from typing import Any, Iterator
+
+from modelkeep import errors
+from modelkeep.options import ReadOptions
+from modelkeep.storage import Storage
+
+SPOOL_ENV = "MODELKEEP_SPOOL"
+COPY_BYTES = 16 << 20
+
+
+@contextlib.contextmanager
+def _named_as(location: str, local: str) -> Iterator[None]:
+    """Errors raised about the temporary copy ``local`` name ``location`` instead."""
+    try:
+        yield
+    except errors.ModelkeepError as e:
+        if e.path == local:
+            e.path = location
+            e.args = (e._message(),)
+        raise
+
+
+def _spool(store: Storage, path: str) -> str:
+    """A private local copy of ``path``'s bytes; the caller removes it."""
+    fd, local = tempfile.mkstemp(prefix=".modelkeep-", suffix=".spool", dir=os.environ.get(SPOOL_ENV))
+    try:
+        with os.fdopen(fd, "wb") as out, errors.map_os_errors(path, "reading"), store.open_read(path) as src:
+            shutil.copyfileobj(src, out, COPY_BYTES)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(local)
+        raise
+    return local
+
+
+@contextlib.contextmanager
+def local_copy(store: Storage, path: str) -> Iterator[str]:
+    """An OS path with ``path``'s bytes for the duration of the block (the file itself if local)."""
+    local = store.local_path(path)
+    if local is not None:
+        yield local
+        return
+    spooled = _spool(store, path)
+    try:
+        with _named_as(path, spooled):
+            yield spooled
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(spooled)
+
+
+def open_weights(store: Storage, path: str, options: ReadOptions) -> Any:
+    """The state dict of a torch.save file as a tensor source (see ``legacy.open_weights``)."""
+    from modelkeep import legacy  # imported on first use: keeps ``import modelkeep`` light
+    local = store.local_path(path)
+    if local is not None:
+        source = legacy.open_weights(local, options=options)
+    else:
+        spooled = _spool(store, path)
+        try:
+            with _named_as(path, spooled):
+                source = legacy.open_weights(spooled, options=options)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(spooled)
+            raise
+        weakref.finalize(source, _remove, spooled)
+    source.location = path
+    source.kind = "torch.save"
+    return source
+
+
+def _remove(path: str) -> None:
+    with contextlib.suppress(OSError):
+        os.unlink(path)
+
+
+def read(store: Storage, path: str, options: ReadOptions) -> Any:
+    """What ``torch.load`` would return for a torch.save file, built without running it."""
+    from modelkeep import legacy
+    with local_copy(store, path) as local, _named_as(path, local):
+        return legacy.read(local, options=options)
