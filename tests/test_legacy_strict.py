@@ -1,0 +1,460 @@
+"""Legacy and zip strictness (issue 8, item 8): pre-1.0 tar files load as torch wrote them; zip
+archives whose end records disagree with their central directory are refused; pickles with
+bytes after their STOP opcode (polyglots) are refused by the readers and flagged by ``scan``."""
+
+from __future__ import annotations
+
+import collections
+import importlib
+import io
+import os
+import pickle
+import struct
+import tarfile
+import tempfile
+import warnings
+import zipfile
+from typing import Any
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import modelkeep as mk
+from modelkeep import errors
+
+import adversarial
+from adversarial import call, checkpoint, g, i, ordered_dict, p2, s, t
+from test_legacy_support import same
+
+scanning = importlib.import_module("modelkeep.scan")  # the module, whatever ``mk.scan`` is
+
+SYS_INFO = {"protocol_version": 1001, "little_endian": True, "type_sizes": {"short": 2, "int": 4, "long": 8}}
+POLYGLOT = "bytes after the pickle's STOP opcode"
+TENSOR_TYPES = {torch.float32: "FloatTensor", torch.float64: "DoubleTensor", torch.int64: "LongTensor",
+                torch.uint8: "ByteTensor", torch.int32: "IntTensor"}
+STORAGE_TYPES = {torch.float32: "FloatStorage", torch.float64: "DoubleStorage", torch.int64: "LongStorage",
+                 torch.uint8: "ByteStorage", torch.int32: "IntStorage"}
+
+
+# ------------------------------------------------------------------------------------------
+# torch <= 0.3's torch.save, step by step
+
+
+def old_torch_save(obj: Any, path: str, *, sys_info: Any = SYS_INFO, storage_views: bool = False,
+                   trailing: dict[str, bytes] | None = None) -> None:
+    """The tar layout exactly as torch's ``_save`` of that era wrote it: members ``sys_info``,
+    ``pickle``, ``tensors``, ``storages`` in that order, each pickled (protocol 2) into a temporary
+    file and added with ``tarfile.add`` to a PAX-format tar (``_add_to_tar``). Tensors are keyed by
+    a fake ``_cdata`` pointer; with ``storage_views`` a tensor that starts inside its storage is
+    written on a storage view (``storage[offset:]``), as torch did for narrowed storages.
+    ``trailing`` appends bytes to members (for the refusal tests)."""
+    tensors: dict[int, torch.Tensor] = {}
+    keys: dict[int, int] = {}
+    storage_keys: dict[int, int] = {}
+    roots: dict[int, torch.Tensor] = {}
+    views: list[tuple[int, int, int, int]] = []
+    tensor_storage: dict[int, tuple[int, int]] = {}  # tensor key -> (storage key, offset within it)
+
+    def cdata(value: Any) -> int:
+        return keys.setdefault(id(value), 0x5600_0000 + 0x40 * len(keys))
+
+    class Pickler(pickle.Pickler):
+        def persistent_id(self, value: Any) -> Any:
+            if isinstance(value, torch.Tensor):
+                tensors[cdata(value)] = value
+                return str(cdata(value))
+            return None
+
+    def save_sys_info(f: Any) -> None:
+        pickle.dump(sys_info, f, protocol=2)
+
+    def pickle_objects(f: Any) -> None:
+        Pickler(f, protocol=2).dump(obj)
+
+    def save_tensors(f: Any) -> None:
+        pickle.dump(len(tensors), f, protocol=2)
+        for key, tensor in tensors.items():
+            pointer = tensor.untyped_storage().data_ptr()
+            root = storage_keys.setdefault(pointer, 0x7700_0000 + 0x40 * len(storage_keys))
+            roots[root] = tensor
+            storage_id, offset = root, tensor.storage_offset()
+            if storage_views and offset:
+                storage_id = root + 1 + len(views)
+                numel = tensor.untyped_storage().nbytes() // tensor.element_size() - offset
+                views.append((storage_id, root, offset, numel))
+                offset = 0
+            tensor_storage[key] = (storage_id, offset)
+            pickle.dump((key, storage_id, getattr(torch, TENSOR_TYPES[tensor.dtype])), f, protocol=2)
+            f.write(struct.pack("<q", tensor.dim()))  # ndim as 8 bytes, sizes, strides, offset
+            f.write(struct.pack(f"<{tensor.dim()}q", *tensor.shape))
+            f.write(struct.pack(f"<{tensor.dim()}q", *tensor.stride()))
+            f.write(struct.pack("<q", offset))
+
+    def save_storages(f: Any) -> None:
+        pickle.dump(len(roots), f, protocol=2)
+        for key, tensor in roots.items():
+            pickle.dump((key, "cpu", getattr(torch, STORAGE_TYPES[tensor.dtype])), f, protocol=2)
+            raw = bytes(tensor.untyped_storage())
+            f.write(struct.pack("<q", len(raw) // tensor.element_size()))  # storage._write_file
+            f.write(raw)
+        pickle.dump(views, f, protocol=2)
+
+    with tempfile.TemporaryDirectory() as scratch, tarfile.open(path, "w:", format=tarfile.PAX_FORMAT) as tar:
+        for name, write in (("sys_info", save_sys_info), ("pickle", pickle_objects), ("tensors", save_tensors),
+                            ("storages", save_storages)):
+            if name == "sys_info" and sys_info is None:
+                continue
+            member = os.path.join(scratch, name)
+            with open(member, "wb") as f:
+                write(f)
+                f.write((trailing or {}).get(name, b""))
+            tar.add(member, arcname=name)
+
+
+def sample_state() -> collections.OrderedDict:
+    weight = torch.randn(4, 3)
+    return collections.OrderedDict(
+        [("weight", weight), ("rows", weight[1:]), ("bias", torch.randn(4, dtype=torch.float64)),
+         ("steps", torch.arange(6, dtype=torch.int64).reshape(2, 3)), ("mask", torch.tensor([1, 0, 1], dtype=torch.uint8))]
+    )
+
+
+def test_old_torch_tar_has_the_members_torch_wrote(tmp_path):
+    path = str(tmp_path / "old.pt")
+    old_torch_save(sample_state(), path)
+    with tarfile.open(path) as tar:
+        assert [m.name for m in tar.getmembers()] == ["sys_info", "pickle", "tensors", "storages"]
+        assert pickle.loads(tar.extractfile("sys_info").read()) == SYS_INFO
+    with open(path, "rb") as f:
+        assert f.read(512)[257:262] == b"ustar"
+
+
+@pytest.mark.parametrize("storage_views", [False, True])
+def test_old_torch_tar_loads_as_torch_wrote_it(tmp_path, storage_views):
+    state = sample_state()
+    value = {"epoch": 7, "state_dict": state, "history": [state["weight"], 0.5]}
+    path = str(tmp_path / "old.pt")
+    old_torch_save(value, path, storage_views=storage_views)
+    ours = mk.read(path)
+    same(ours, value)
+    assert ours["history"][0] is ours["state_dict"]["weight"]  # one tensor per key, as torch gives
+    rows, weight = ours["state_dict"]["rows"], ours["state_dict"]["weight"]
+    assert rows.data_ptr() == weight.data_ptr() + 3 * weight.element_size()  # one storage, as in the file
+    loaded = mk.load_state_dict(path)
+    assert list(loaded) == list(state)
+    for key, tensor in state.items():
+        assert loaded[key].dtype == tensor.dtype and torch.equal(loaded[key], tensor), key
+    # torch itself refuses this layout with weights_only=True, so the original values are the reference
+    with pytest.raises(Exception, match="tar"):
+        torch.load(path, weights_only=True)
+
+
+def test_windows_long_size_and_missing_sys_info_are_accepted(tmp_path):
+    state = sample_state()
+    windows = dict(SYS_INFO, type_sizes={"short": 2, "int": 4, "long": 4})
+    for name, info in (("windows.pt", windows), ("no_info.pt", None)):
+        path = str(tmp_path / name)
+        old_torch_save(state, path, sys_info=info)
+        same(mk.read(path), state)
+
+
+@pytest.mark.parametrize(
+    "info, message",
+    [
+        (dict(SYS_INFO, little_endian=False), "big-endian"),
+        (dict(SYS_INFO, type_sizes={"short": 2, "int": 8, "long": 8}), "type sizes"),
+        (dict(SYS_INFO, type_sizes={"short": 2, "int": 4}), "type sizes"),
+        (dict(SYS_INFO, protocol_version=1000), "protocol version"),
+        ({"little_endian": True}, "keys"),
+        ([1, 2], "not a dict"),
+    ],
+)
+def test_bad_sys_info_is_refused(tmp_path, info, message):
+    path = str(tmp_path / "old.pt")
+    old_torch_save(sample_state(), path, sys_info=info)
+    for reader in (mk.read, mk.load_state_dict):
+        with pytest.raises(errors.FormatError, match=message) as caught:
+            reader(path)
+        assert caught.value.path == path and caught.value.fix and caught.value.item == "sys_info"
+
+
+def test_big_endian_stream_is_refused(tmp_path):
+    main = p2(checkpoint(("weight", adversarial.tensor(adversarial.storage_pid(stream=True)))))
+    good = adversarial.stream_bytes(main)
+    little = pickle.dumps({"protocol_version": 1001, "little_endian": True,
+                           "type_sizes": {"short": 2, "int": 4, "long": 4}}, protocol=2)
+    big = pickle.dumps({"protocol_version": 1001, "little_endian": False,
+                        "type_sizes": {"short": 2, "int": 4, "long": 4}}, protocol=2)
+    assert good.count(little) == 1
+    (tmp_path / "ok.pt").write_bytes(good)
+    assert mk.load_state_dict(tmp_path / "ok.pt")["weight"].shape == (4,)
+    (tmp_path / "big.pt").write_bytes(good.replace(little, big))
+    with pytest.raises(errors.FormatError, match="big-endian"):
+        mk.read(tmp_path / "big.pt")
+
+
+def test_unexpected_tar_member_is_still_refused(tmp_path):
+    path = str(tmp_path / "old.pt")
+    old_torch_save(sample_state(), path)
+    with tarfile.open(path, "a") as tar:
+        info = tarfile.TarInfo("extra")
+        info.size = 3
+        tar.addfile(info, io.BytesIO(b"abc"))
+    with pytest.raises(errors.FormatError, match="unexpected member"):
+        mk.read(path)
+
+
+@pytest.mark.parametrize("member, message", [
+    ("pickle", POLYGLOT), ("sys_info", POLYGLOT), ("tensors", "bytes after the member's last tensor"),
+    ("storages", "bytes after the member's storage views"),
+])
+def test_tar_members_with_trailing_bytes_are_refused_and_flagged(tmp_path, member, message):
+    path = str(tmp_path / "old.pt")
+    old_torch_save(sample_state(), path, trailing={member: p2(call(g("os", "system"), s("true")))})
+    for reader in (mk.read, mk.load_state_dict):
+        with pytest.raises(errors.FormatError, match=message) as caught:
+            reader(path)
+        assert caught.value.item == member and caught.value.path == path
+        assert not isinstance(caught.value, errors.UnsafeContentError)
+    (result,) = scanning.scan(path)
+    assert result.verdict == "dangerous"
+    assert [(f.name, f.item) for f in result.findings] == [(f"<{message}>", member)]
+    assert scanning.exit_code([result]) == 1
+
+
+# ------------------------------------------------------------------------------------------
+# zip end records
+
+
+def end_offsets(data: bytes) -> tuple[int, int, int]:
+    """(end record, zip64 locator, zip64 end record) offsets of a torch.save archive."""
+    eocd = data.rindex(b"PK\x05\x06")
+    locator = eocd - 20
+    assert data[locator : locator + 4] == b"PK\x06\x07"
+    zip64 = struct.unpack_from("<Q", data, locator + 8)[0]
+    assert data[zip64 : zip64 + 4] == b"PK\x06\x06"
+    return eocd, locator, zip64
+
+
+def patched(data: bytes, *changes: tuple[int, str, int]) -> bytes:
+    out = bytearray(data)
+    for offset, fmt, value in changes:
+        struct.pack_into(fmt, out, offset, value)
+    return bytes(out)
+
+
+@pytest.fixture
+def torch_zip(tmp_path):
+    state = {f"layer{k}.weight": torch.randn(3, 2) for k in range(5)}
+    path = tmp_path / "model.pt"
+    torch.save(state, path)
+    return path, state, path.read_bytes()
+
+
+def _count(data: bytes) -> int:
+    return struct.unpack_from("<H", data, data.rindex(b"PK\x05\x06") + 10)[0]
+
+
+def _mutations(data: bytes) -> dict[str, bytes]:
+    eocd, locator, zip64 = end_offsets(data)
+    n = _count(data)
+    size, offset = struct.unpack_from("<2L", data, eocd + 12)
+    return {
+        # fewer entries counted than headers present, in every record: zipfile still lists them all
+        "hidden entry": patched(data, (eocd + 8, "<H", n - 1), (eocd + 10, "<H", n - 1),
+                                (zip64 + 24, "<Q", n - 1), (zip64 + 32, "<Q", n - 1)),
+        "end count only": patched(data, (eocd + 10, "<H", n + 1)),
+        "disk count only": patched(data, (eocd + 8, "<H", n - 1)),
+        "zip64 counts only": patched(data, (zip64 + 24, "<Q", n + 3), (zip64 + 32, "<Q", n + 3)),
+        "end size only": patched(data, (eocd + 12, "<L", size - 1)),
+        "directory offset": patched(data, (eocd + 16, "<L", offset + 4), (zip64 + 48, "<Q", offset + 4)),
+        "locator offset": patched(data, (locator + 8, "<Q", zip64 - 8)),
+        "two disks": patched(data, (eocd + 4, "<H", 1), (zip64 + 16, "<L", 1)),
+        "bytes after the end": data + b"\0" * 64,
+    }
+
+
+MUTATIONS = ["hidden entry", "end count only", "disk count only", "zip64 counts only", "end size only",
+             "directory offset", "locator offset", "two disks", "bytes after the end"]
+
+
+@pytest.mark.parametrize("case", MUTATIONS)
+def test_zip_end_records_that_disagree_are_refused(tmp_path, torch_zip, case):
+    path, _, data = torch_zip
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(_mutations(data)[case])
+    for reader in (mk.read, mk.load_state_dict):
+        with pytest.raises(errors.FormatError) as caught:
+            reader(bad)
+        assert caught.value.path == str(bad) and "re-save" in caught.value.fix
+        assert caught.value.item == "end of central directory", str(caught.value)
+    (result,) = scanning.scan(bad)
+    assert result.verdict == "unreadable" and scanning.exit_code([result]) == 2
+
+
+def test_hidden_entry_is_invisible_to_zipfile(tmp_path, torch_zip):
+    """Why the check is needed: zipfile walks the directory by size and ignores the counts, and
+    torch's own reader accepts the file too, while a reader trusting the counts sees one entry
+    less. Every mutation above that zipfile accepts is refused by modelkeep's own check."""
+    _, state, data = torch_zip
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(_mutations(data)["hidden entry"])
+    with zipfile.ZipFile(bad) as archive:
+        assert len(archive.infolist()) == _count(data)
+    same(torch.load(bad, weights_only=True), state)
+    for case in MUTATIONS:
+        with zipfile.ZipFile(io.BytesIO(_mutations(data)[case])) as archive:
+            assert len(archive.infolist()) == _count(data), case
+    with pytest.raises(errors.FormatError, match=f"counts {_count(data) - 1} entries but the central directory holds {_count(data)}"):
+        mk.read(bad)
+
+
+def test_real_torch_zips_still_load(tmp_path, torch_zip):
+    path, state, data = torch_zip
+    end_offsets(data)  # torch writes a zip64 end record and locator even for small files
+    same(mk.read(path), torch.load(path, weights_only=True))
+    # what torch (miniz) writes once offsets pass 4 GiB: the short record's fields saturate
+    eocd, _, _ = end_offsets(data)
+    large = tmp_path / "large.pt"
+    large.write_bytes(patched(data, (eocd + 4, "<H", 0xFFFF), (eocd + 6, "<H", 0xFFFF), (eocd + 8, "<H", 0xFFFF),
+                              (eocd + 10, "<H", 0xFFFF), (eocd + 12, "<L", 0xFFFFFFFF), (eocd + 16, "<L", 0xFFFFFFFF)))
+    reference = torch.load(large, weights_only=True)
+    same(mk.read(large), reference)
+    same(mk.load_state_dict(large), state)
+    many = {f"block{k}.weight": torch.full((2,), float(k)) for k in range(3000)}
+    torch.save(many, tmp_path / "many.pt")
+    same(mk.load_state_dict(tmp_path / "many.pt"), torch.load(tmp_path / "many.pt", weights_only=True))
+    # rewritten by Python's zipfile (no zip64 record), with and without an archive comment
+    for comment in (b"", b"a comment PK"):
+        copy = tmp_path / "copy.pt"
+        with zipfile.ZipFile(path) as src, zipfile.ZipFile(copy, "w") as dst:
+            for info in src.infolist():
+                dst.writestr(info.filename, src.read(info.filename))
+            dst.comment = comment
+        same(mk.load_state_dict(copy), state)
+
+
+def test_end_record_signature_inside_the_comment_is_refused(tmp_path, torch_zip):
+    path, _, _ = torch_zip
+    copy = tmp_path / "copy.pt"
+    with zipfile.ZipFile(path) as src, zipfile.ZipFile(copy, "w") as dst:
+        for info in src.infolist():
+            dst.writestr(info.filename, src.read(info.filename))
+    with zipfile.ZipFile(copy) as archive:
+        assert len(archive.infolist()) == 11 and mk.load_state_dict(copy)
+    for comment, message in ((b"PK\x05\x06" + bytes(18), "do not end where the end records begin"),
+                             (b"PK\x05\x06" + bytes(18) + b"x", "does not end the file")):
+        data = copy.read_bytes()
+        fake = tmp_path / "fake.pt"  # a second end record inside the comment: zipfile takes it
+        fake.write_bytes(data[:-2] + struct.pack("<H", len(comment)) + comment)
+        with zipfile.ZipFile(fake) as archive:
+            assert archive.infolist() == []
+        with pytest.raises(errors.FormatError, match=message):
+            mk.read(fake)
+
+
+def test_bundle_zip_with_a_hidden_member_is_unreadable_to_scan(tmp_path, torch_zip):
+    path, _, _ = torch_zip
+    bundle = tmp_path / "bundle.zip"
+    with zipfile.ZipFile(bundle, "w") as archive:
+        archive.write(path, "models/a.pt")
+        archive.writestr("README.md", "two members")
+    data = bundle.read_bytes()
+    eocd = data.rindex(b"PK\x05\x06")
+    bundle.write_bytes(patched(data, (eocd + 8, "<H", 1), (eocd + 10, "<H", 1)))
+    results = scanning.scan(bundle)
+    assert [(r.verdict, "1 entries but the central directory holds 2" in (r.error or "")) for r in results] == [("unreadable", True)]
+    assert scanning.exit_code(results) == 2
+
+
+# ------------------------------------------------------------------------------------------
+# bytes after STOP
+
+
+def _rewrite(src: Any, dst: Any, name_end: str, extra: bytes) -> None:
+    with zipfile.ZipFile(src) as archive, zipfile.ZipFile(dst, "w") as out:
+        for info in archive.infolist():
+            raw = archive.read(info.filename)
+            out.writestr(info.filename, raw + extra if info.filename.endswith(name_end) else raw)
+
+
+@pytest.mark.parametrize("extra", [b"\0", b"junk after the pickle", p2(call(g("os", "system"), s("touch MARKER")))])
+def test_data_pkl_with_trailing_bytes_is_refused_and_flagged(tmp_path, torch_zip, extra):
+    path, _, _ = torch_zip
+    bad = tmp_path / "polyglot.pt"
+    _rewrite(path, bad, "/data.pkl", extra)
+    for reader in (mk.read, mk.load_state_dict):
+        with pytest.raises(errors.FormatError, match=f"{len(extra)} {POLYGLOT}") as caught:
+            reader(bad)
+        assert caught.value.path == str(bad) and caught.value.item == "model/data.pkl" and caught.value.fix
+    (result,) = scanning.scan(bad)
+    assert result.verdict == "dangerous" and result.error is None
+    assert [f.name for f in result.findings] == [f"<{POLYGLOT}>"]
+    assert scanning.exit_code([result]) == 1
+    assert result.to_json()["globals"][-1]["name"] == f"<{POLYGLOT}>"
+    assert not (tmp_path / "MARKER").exists() and not os.path.exists("MARKER")
+
+
+def test_torchscript_constants_with_trailing_bytes_are_refused(tmp_path):
+    module = torch.jit.script(torch.nn.Linear(2, 2))
+    path = tmp_path / "script.pt"
+    torch.jit.save(module, str(path))
+    assert set(mk.read(path)) == {"data", "constants"}
+    bad = tmp_path / "bad.pt"
+    _rewrite(path, bad, "/constants.pkl", b"\x80")
+    with pytest.raises(errors.FormatError, match=POLYGLOT):
+        mk.read(bad)
+
+
+def test_plain_pickle_with_trailing_bytes_is_refused(tmp_path):
+    path = tmp_path / "plain.pkl"
+    path.write_bytes(pickle.dumps({"w": torch.arange(3.0)}, protocol=4))
+    assert torch.equal(mk.load_state_dict(path)["w"], torch.arange(3.0))
+    path.write_bytes(path.read_bytes() + b"\x80\x04N.")
+    with pytest.raises(errors.FormatError, match=f"4 {POLYGLOT}"):
+        mk.read(path)
+    (result,) = scanning.scan(path)
+    assert result.verdict == "dangerous"
+
+
+def test_nested_archive_with_trailing_bytes_is_refused(tmp_path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _, (nested,) = torch.arange(4.0).storage().__reduce__()  # what pickle.dump of a tensor nests
+
+    def plain(inner: bytes) -> bytes:
+        storage = call(g("torch.storage", "_load_from_bytes"), b"B" + struct.pack("<I", len(inner)) + inner)
+        return p2(checkpoint(("w", call(g("torch._utils", "_rebuild_tensor_v2"), storage, i(0), t(i(4)), t(i(1)),
+                                        b"\x89", ordered_dict()))))
+
+    (tmp_path / "ok.pkl").write_bytes(plain(nested))
+    assert torch.equal(mk.load_state_dict(tmp_path / "ok.pkl")["w"], torch.arange(4.0))
+    (tmp_path / "bad.pkl").write_bytes(plain(nested + b"hidden"))
+    with pytest.raises(errors.FormatError, match="6 bytes after the nested archive's last storage"):
+        mk.read(tmp_path / "bad.pkl")
+
+
+def test_legacy_stream_sequence_still_loads(tmp_path):
+    """The stream format is several pickles in a row and raw storages: not a polyglot."""
+    state = sample_state()
+    path = tmp_path / "stream.pt"
+    torch.save(state, path, _use_new_zipfile_serialization=False)
+    reference = torch.load(path, weights_only=True)
+    same(mk.read(path), reference)
+    loaded = mk.load_state_dict(path)
+    for key, tensor in state.items():
+        assert torch.equal(loaded[key], tensor), key
+    (result,) = scanning.scan(path)
+    assert result.verdict == "safe" and result.error is None
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(extra=st.binary(min_size=1, max_size=64))
+def test_any_trailing_bytes_after_a_plain_pickle_are_refused(tmp_path, extra):
+    path = tmp_path / "plain.pkl"
+    path.write_bytes(p2(checkpoint(("epoch", i(3)))) + extra)
+    with pytest.raises(errors.FormatError) as caught:
+        mk.read(path)
+    assert POLYGLOT in str(caught.value) and f"{len(extra)} bytes" in str(caught.value)
