@@ -101,6 +101,15 @@ class _Context:
             fix="do not load this file; re-save it with torch.save, or re-download it from a trusted source",
         )
 
+    def whole_pickle(self, data: bytes, item: str) -> None:
+        """``whole`` for a member that is one pickle, found by decoding before anything is built
+        (a pickle that does not decode is left to the machine, whose error names the place)."""
+        try:
+            end = vm.skip(data, 0, limits=self.limits)
+        except errors.FormatError:
+            return
+        self.whole(end, len(data), item)
+
     def _nested(self, data: bytes, parent: Policy, pos: int) -> Any:
         """``torch.storage._load_from_bytes``: a stream-format file inside the pickle."""
         value, _, child = read_stream(self, data, memory=True, item=f"nested archive at pickle byte {pos}",
@@ -186,8 +195,8 @@ def _read_zip(ctx: _Context) -> Contents:
         item = f"{archive.folder}/constants.pkl"
         policy = ctx.policy(ctx.mode, archive.storages("constants"), item, torchscript=True)
         data = archive.pickle("constants.pkl")
-        constants, end = ctx.run(data, 0, policy)
-        ctx.whole(end, len(data), item)
+        ctx.whole_pickle(data, item)
+        constants, _ = ctx.run(data, 0, policy)
     return Contents(ctx.path, value, "torchscript", constants=constants, script_code=archive.script_code())
 
 
@@ -254,8 +263,8 @@ def _read_tar(ctx: _Context) -> Contents:
             if size > containers.MAX_RECORD:
                 raise _tar_error(ctx, "the system-info member is larger than a record can be", "sys_info")
             body = bytes(data[begin : begin + size])
-            sys_info, end = ctx.run(body, 0, ctx.policy(REFS, None, "sys_info"))
-            ctx.whole(end, size, "sys_info")
+            ctx.whole_pickle(body, "sys_info")
+            sys_info, _ = ctx.run(body, 0, ctx.policy(REFS, None, "sys_info"))
             containers.check_sys_info(sys_info, ctx.path, "sys_info")
         _tar_storages(ctx, data, layout, storages)
         _tar_tensors(ctx, data, layout, storages)
@@ -265,8 +274,8 @@ def _read_tar(ctx: _Context) -> Contents:
         body = bytes(data[begin : begin + size])
     policy = ctx.policy(ctx.mode, storages, "pickle")
     storages.resolve = lambda ref: _tar_value(policy, ref)
-    value, end = ctx.run(body, 0, policy)
-    ctx.whole(end, len(body), "pickle")
+    ctx.whole_pickle(body, "pickle")  # before any tensor is built
+    value, _ = ctx.run(body, 0, policy)
     return Contents(ctx.path, value, "tar")
 
 
