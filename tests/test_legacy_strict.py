@@ -320,3 +320,28 @@ def test_any_trailing_bytes_after_a_plain_pickle_are_refused(tmp_path, extra):
     with pytest.raises(errors.FormatError) as caught:
         mk.read(path)
     assert POLYGLOT in str(caught.value) and f"{len(extra)} bytes" in str(caught.value)
+
+
+def test_python2_sys_info_is_accepted(tmp_path):
+    """Python 2's torch pickled the record's keys as byte strings (SHORT_BINSTRING)."""
+    def u(text: str) -> bytes:
+        return b"U" + bytes([len(text)]) + text.encode()
+
+    py2 = p2(b"}(" + u("protocol_version") + i(1001) + u("little_endian") + b"\x88" + u("type_sizes")
+             + b"}(" + u("short") + i(2) + u("int") + i(4) + u("long") + i(8) + b"uu")
+    main = p2(checkpoint(("weight", adversarial.tensor(adversarial.storage_pid(stream=True)))))
+    good = adversarial.stream_bytes(main)
+    ours = pickle.dumps({"protocol_version": 1001, "little_endian": True,
+                         "type_sizes": {"short": 2, "int": 4, "long": 4}}, protocol=2)
+    path = tmp_path / "py2.pt"
+    path.write_bytes(good.replace(ours, py2))
+    assert torch.equal(mk.load_state_dict(path)["weight"], torch.zeros(4))
+    tar = str(tmp_path / "py2_tar.pt")
+    state = sample_state()
+    old_torch_save(state, tar)
+    with tarfile.open(tar) as src, tarfile.open(str(tmp_path / "copy.pt"), "w:") as dst:
+        for member in src.getmembers():
+            raw = py2 if member.name == "sys_info" else src.extractfile(member).read()
+            member.size = len(raw)
+            dst.addfile(member, io.BytesIO(raw))
+    same(mk.read(tmp_path / "copy.pt"), state)
