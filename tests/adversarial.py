@@ -196,6 +196,7 @@ def write_corpus(folder: str, *, marker: str | None = None) -> list[Case]:
     _malformed(corpus)
     _zip_attacks(corpus)
     _stream_and_tar(corpus)
+    _strictness(corpus)
     with open(os.path.join(folder, "corpus.json"), "w") as stream:
         json.dump([dataclasses.asdict(case) for case in corpus.cases], stream, indent=1)
     return corpus.cases
@@ -583,3 +584,40 @@ def _stream_and_tar(c: _Corpus) -> None:
           lambda p: (sharded(p, {"weight": "pytorch_model-00001-of-00001.bin"}),
                      torch_zip(os.path.join(p, "pytorch_model-00001-of-00001.bin"),
                                p2(checkpoint(("weight", call(g("os", "system"), s(c.cmd))))))))
+
+
+def _strictness(c: _Corpus) -> None:
+    """Polyglots (bytes after a pickle that must fill its member), zip end records that disagree
+    with the directory (entries one reader sees and another does not), and bad system info."""
+    main = p2(checkpoint(("weight", tensor())))
+    gadget = p2(call(g("os", "system"), s(c.cmd)))
+
+    def tar_file(path: str, members: list[tuple[str, bytes]]) -> None:
+        with tarfile.open(path, "w:", format=tarfile.PAX_FORMAT) as archive:
+            for name, raw in members:
+                info = tarfile.TarInfo(name)
+                info.size = len(raw)
+                archive.addfile(info, io.BytesIO(raw))
+
+    def hidden_entry(path: str) -> None:  # the end record counts one entry less than the directory holds
+        torch_zip(path, main, extra={"archive/hidden.pkl": gadget})
+        data = bytearray(open(path, "rb").read())
+        end = data.rindex(b"PK\x05\x06")
+        count = struct.unpack_from("<H", data, end + 10)[0]
+        struct.pack_into("<HH", data, end + 8, count - 1, count - 1)
+        write(path, bytes(data))
+
+    info = {"protocol_version": PROTOCOL_VERSION, "little_endian": False, "type_sizes": {"short": 2, "int": 4, "long": 8}}
+    empty = [("storages", pickle.dumps(0, protocol=2) + pickle.dumps([], protocol=2)), ("tensors", pickle.dumps(0, protocol=2))]
+    c.add("polyglot_data_pkl.pt", "polyglot:trailing-bytes", "format", True, "data.pkl followed by a gadget pickle",
+          lambda p: torch_zip(p, main + gadget))
+    c.add("polyglot_plain.pkl", "polyglot:trailing-bytes", "format", True, "plain pickle followed by a gadget pickle",
+          lambda p: write(p, p2(b"N") + gadget))
+    c.add("polyglot_tar_pickle.pt", "polyglot:trailing-bytes", "format", True, "tar pickle member followed by a gadget",
+          lambda p: tar_file(p, empty + [("pickle", p2(b"N") + gadget)]))
+    c.add("polyglot_after_zip.pt", "polyglot:trailing-bytes", "format", True, "gadget pickle after the zip's end record",
+          lambda p: (torch_zip(p, main), write(p, open(p, "rb").read() + gadget)))
+    c.add("zip_hidden_entry.pt", "zip:end-record", "format", True, "end record counts one entry less than the directory",
+          hidden_entry)
+    c.add("tar_big_endian.pt", "tar:sys-info", "format", False, "tar sys_info from a big-endian machine",
+          lambda p: tar_file(p, [("sys_info", pickle.dumps(info, protocol=2))] + empty + [("pickle", p2(b"N"))]))

@@ -10,7 +10,8 @@ Each global is classified:
   TorchScript class (its code is never run);
 - ``needs-trust``: an unknown class or function; reading the file needs ``trust=`` for it;
 - ``dangerous``: a known way to run code (``os.system``, ``builtins.eval``, ``subprocess``,
-  attribute-chain gadgets, ``torch.load`` re-entry, names computed at load time, ...).
+  attribute-chain gadgets, ``torch.load`` re-entry, names computed at load time, ...), and bytes
+  hidden after a pickle that must fill its member (a polyglot: ``<bytes after ...>``).
 
 Folders are scanned recursively and plain zip archives member by member, so ``modelkeep scan``
 fits as a CI gate over a folder of downloaded models (exit 0 clean, 1 findings, 2 unreadable).
@@ -102,6 +103,8 @@ def classify(module: str, name: str, meaning: str) -> str:
         return SAFE
     if meaning in ("computed", "extension"):
         return DANGEROUS  # names that only exist at load time hide what they call
+    if meaning == "trailing":
+        return DANGEROUS  # a polyglot: content hidden from this reader, there for another
     parts = module.split(".")
     prefixes = {".".join(parts[: i + 1]) for i in range(len(parts))}
     if prefixes & DANGEROUS_MODULES or (module, name) in DANGEROUS_NAMES:
@@ -149,6 +152,8 @@ def scan_file(path: str) -> FileScan:
 def _label(module: str, name: str, meaning: str) -> str:
     if meaning == "computed":
         return "<global with a name computed at load time>"
+    if meaning == "trailing":
+        return f"<{name}>"
     return f"{module}.{name}"
 
 
@@ -176,10 +181,21 @@ MAX_ARCHIVE_DEPTH = 3
 
 
 def _archive_members(path: str, depth: int) -> Iterator[FileScan]:
-    """Scan each member of a plain zip archive (a bundle of model files) through a temp copy."""
+    """Scan each member of a plain zip archive (a bundle of model files) through a temp copy;
+    an archive whose end records disagree with its directory (members other unzippers would see
+    differently) is unreadable."""
+    from modelkeep.legacy import zipend
+
     try:
         archive = zipfile.ZipFile(path)
     except (zipfile.BadZipFile, OSError) as e:
+        yield FileScan(path, "zip archive", error=f"unreadable archive: {e}")
+        return
+    try:
+        with open(path, "rb") as raw:
+            zipend.check_end_records(raw, path, len(archive.infolist()))
+    except (errors.FormatError, OSError) as e:
+        archive.close()
         yield FileScan(path, "zip archive", error=f"unreadable archive: {e}")
         return
     with archive, tempfile.TemporaryDirectory(prefix="modelkeep-scan-") as scratch:

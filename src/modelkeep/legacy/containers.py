@@ -6,7 +6,8 @@
 * stream (``_use_new_zipfile_serialization=False``): magic number, protocol version and system
   info pickles, the main pickle, the sorted storage keys, then per storage an 8-byte element count
   and its bytes.
-* tar (before torch 1.0): members ``storages``, ``tensors`` and ``pickle``.
+* tar (before torch 1.0): members ``sys_info``, ``pickle``, ``tensors`` and ``storages``, in
+  that order as torch wrote them (``sys_info`` is optional here, as it is for torch).
 
 Each provider maps a storage persistent id to a ``StorageRef`` after checking that the storage it
 names exists and holds exactly the bytes the pickle declares.
@@ -164,8 +165,9 @@ class StreamStorages(StorageProvider):
             raise ValueError("a storage view reaches past its storage")
         return tensors.StorageRef(blob, kind.dtype, offset * element, size * element, untyped=kind.untyped)
 
-    def layout(self, keys: Any, start: int) -> None:
-        """Place each listed storage: an 8-byte element count, then its bytes."""
+    def layout(self, keys: Any, start: int) -> int:
+        """Place each listed storage: an 8-byte element count, then its bytes; return the offset
+        just after the last one."""
         if type(keys) is not list or not all(type(k) is str for k in keys) or len(keys) != len(set(keys)):
             raise _bad(self.path, "the storage key list is not a list of distinct names")
         if set(keys) != set(self.blobs):
@@ -184,12 +186,14 @@ class StreamStorages(StorageProvider):
             blob.offset = offset
             offset += blob.nbytes
         self.laid_out = True
+        return offset
 
 
 class TarLayout:
     """The members of a pre-1.0 tar file: name -> (data offset, size)."""
 
     MEMBERS = ("storages", "tensors", "pickle")
+    OPTIONAL = ("sys_info",)
 
     def __init__(self, path: str, limits: Limits) -> None:
         self.path = path
@@ -202,7 +206,7 @@ class TarLayout:
                     count += 1
                     if count > limits.max_entries:
                         raise _bad(path, "the tar archive has too many members")
-                    if member.name not in self.MEMBERS or not member.isreg():
+                    if member.name not in self.MEMBERS + self.OPTIONAL or not member.isreg():
                         raise _bad(path, "the tar archive holds an unexpected member (link, folder or path)", member.name)
                     if member.name in self.members:
                         raise _bad(path, "the tar archive holds a member twice", member.name)
@@ -216,6 +220,51 @@ class TarLayout:
         missing = [name for name in self.MEMBERS if name not in self.members]
         if missing:
             raise _bad(path, f"the tar archive lacks {', '.join(missing)}: not a torch.save file")
+
+
+_SYS_INFO_KEYS = frozenset({"protocol_version", "little_endian", "type_sizes"})
+_TYPE_SIZES = {"short": (2,), "int": (4,), "long": (4, 8)}  # C long is 4 bytes on Windows
+
+
+def check_sys_info(value: Any, path: str, item: str) -> None:
+    """torch.save's system-info record (stream format and the tar ``sys_info`` member).
+
+    torch writes ``{"protocol_version": 1001, "little_endian": ..., "type_sizes": {"short": 2,
+    "int": 4, "long": 8}}`` and no longer looks at it; but the storages after it are raw bytes in
+    the writer's byte order, so a file from a big-endian machine would read as garbage, and
+    other type sizes mean a machine (or a crafted file) no torch reader was built for.
+
+    Args:
+        value: the record as the pickle machine read it.
+        path: the file, for errors.
+        item: where the record is (``sys_info`` member, ``system info`` pickle).
+
+    Raises:
+        FormatError: the record is not such a dict, names another protocol, a big-endian
+            machine or other type sizes.
+    """
+    fix = "load the file with torch on the machine that wrote it and re-save it with torch.save"
+    if type(value) is not dict or not all(type(k) in (str, bytes) for k in value):
+        raise _bad(path, "the system-info record is not a dict of names", item)
+    info = {k.decode("latin-1") if type(k) is bytes else k: v for k, v in value.items()}
+    if set(info) != _SYS_INFO_KEYS:
+        raise _bad(path, f"the system-info record has keys {sorted(info)}, not {sorted(_SYS_INFO_KEYS)}", item)
+    if type(info["protocol_version"]) is not int or info["protocol_version"] != PROTOCOL_VERSION:
+        raise _bad(path, f"unsupported legacy protocol version {info['protocol_version']!r} in the system-info record", item)
+    if info["little_endian"] is not True and not (type(info["little_endian"]) is int and info["little_endian"] == 1):
+        raise errors.FormatError(
+            "was written on a big-endian machine: its storages hold big-endian bytes", path=path, item=item, fix=fix
+        )
+    sizes = info["type_sizes"]
+    if type(sizes) is not dict or not all(type(k) in (str, bytes) for k in sizes):
+        raise _bad(path, "the system-info type sizes are not a dict of names", item)
+    sizes = {k.decode("latin-1") if type(k) is bytes else k: v for k, v in sizes.items()}
+    if set(sizes) != set(_TYPE_SIZES) or any(
+        type(sizes[name]) is not int or sizes[name] not in allowed for name, allowed in _TYPE_SIZES.items()
+    ):
+        raise errors.FormatError(
+            f"was written for C type sizes {str(sizes)[:200]}, not short=2, int=4, long=4 or 8", path=path, item=item, fix=fix
+        )
 
 
 class TarStorages(StorageProvider):

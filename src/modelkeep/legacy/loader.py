@@ -4,6 +4,11 @@
 pickle through the machine under a ``Policy``, and either builds tensors (``values`` mode) or only
 describes them (``refs`` mode). Every global the file names but modelkeep does not build is
 collected first, so one ``UnsafeContentError`` lists them all with their byte positions.
+
+Where a pickle must be a whole member (zip ``data.pkl``/``constants.pkl``, the tar ``pickle`` and
+``sys_info`` members, a plain pickle file, a nested archive) bytes after its STOP opcode are
+refused: such a file is a polyglot, one thing to this reader and another to whatever reads on.
+The stream format's pickles follow one another by design, and are not checked that way.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from modelkeep.legacy import containers, graph, tensors, trusted, vm
 from modelkeep.legacy.limits import DEFAULT_LIMITS, Limits
 from modelkeep.legacy.policy import REFS, VALUES, Offence, Policy, Sighting, StorageProvider
 
+TRAILING = "trailing"  # a Sighting's meaning for bytes after a pickle that must fill its member
 
 
 @dataclasses.dataclass
@@ -76,6 +82,33 @@ class _Context:
         if self.offences:
             raise unsafe_error(self.offences, self.path)
         return result
+
+    def whole(self, end: int, size: int, item: str, after: str = "the pickle's STOP opcode") -> None:
+        """Refuse ``size - end`` bytes after what must fill a member (``modelkeep scan`` gets a
+        ``trailing`` sighting instead, and reads on)."""
+        if end == size:
+            return
+        if end > size:
+            raise errors.FormatError(f"{after} lies past the end of its member", path=self.path, item=item,
+                                     fix="the file is damaged or crafted; re-download it")
+        if self.sightings is not None:
+            self.sightings.append(Sighting("<polyglot>", f"bytes after {after}", end, item, TRAILING))
+            return
+        raise errors.FormatError(
+            f"{size - end} bytes after {after} (byte {end}): a polyglot file, which another reader "
+            "may take for different content",
+            path=self.path, item=item,
+            fix="do not load this file; re-save it with torch.save, or re-download it from a trusted source",
+        )
+
+    def whole_pickle(self, data: bytes, item: str) -> None:
+        """``whole`` for a member that is one pickle, found by decoding before anything is built
+        (a pickle that does not decode is left to the machine, whose error names the place)."""
+        try:
+            end = vm.skip(data, 0, limits=self.limits)
+        except errors.FormatError:
+            return
+        self.whole(end, len(data), item)
 
     def _nested(self, data: bytes, parent: Policy, pos: int) -> Any:
         """``torch.storage._load_from_bytes``: a stream-format file inside the pickle."""
@@ -148,7 +181,8 @@ def _read_zip(ctx: _Context) -> Contents:
     data = archive.pickle("data.pkl")
     storages = archive.storages("data")
     policy = ctx.policy(REFS, storages, item, torchscript=archive.torchscript)
-    value, _ = ctx.run(data, 0, policy)  # describe first: offences before building or importing
+    value, end = ctx.run(data, 0, policy)  # describe first: offences before building or importing
+    ctx.whole(end, len(data), item)
     graph.check(value, limits=ctx.limits, path=ctx.path, item=item)
     if ctx.mode == VALUES:
         ctx.loader.preload(list(storages.blobs.values()))
@@ -158,8 +192,11 @@ def _read_zip(ctx: _Context) -> Contents:
         return Contents(ctx.path, value, "zip")
     constants: Any = ()
     if f"{archive.folder}/constants.pkl" in archive.archive.entries:
-        policy = ctx.policy(ctx.mode, archive.storages("constants"), f"{archive.folder}/constants.pkl", torchscript=True)
-        constants, _ = ctx.run(archive.pickle("constants.pkl"), 0, policy)
+        item = f"{archive.folder}/constants.pkl"
+        policy = ctx.policy(ctx.mode, archive.storages("constants"), item, torchscript=True)
+        data = archive.pickle("constants.pkl")
+        ctx.whole_pickle(data, item)
+        constants, _ = ctx.run(data, 0, policy)
     return Contents(ctx.path, value, "torchscript", constants=constants, script_code=archive.script_code())
 
 
@@ -182,7 +219,8 @@ def read_stream(ctx: _Context, data: Any, *, memory: bool, item: str | None, mod
         if first_end > limits.max_pickle_bytes:
             raise errors.FormatError("the pickle is larger than the limit", path=ctx.path, fix="raise Limits.max_pickle_bytes")
         policy = ctx.policy(REFS, None, item or "pickle", depth=depth)
-        value, _ = ctx.run(data, 0, policy)  # describe first: offences before building or importing
+        value, end = ctx.run(data, 0, policy)  # describe first: offences before building or importing
+        ctx.whole(end, len(data), policy.item)
         graph.check(value, limits=limits, path=ctx.path, item=policy.item)
         if mode == VALUES:
             policy = ctx.policy(VALUES, None, item or "pickle", depth=depth)
@@ -192,7 +230,8 @@ def read_stream(ctx: _Context, data: Any, *, memory: bool, item: str | None, mod
     if version != containers.PROTOCOL_VERSION:
         raise errors.FormatError(f"unsupported legacy protocol version {version!r}", path=ctx.path,
                                  item=item, fix="re-save the file with a current torch")
-    _, main_start = ctx.run(data, pos, ctx.policy(REFS, None, "system info", depth=depth))
+    sys_info, main_start = ctx.run(data, pos, ctx.policy(REFS, None, "system info", depth=depth))
+    containers.check_sys_info(sys_info, ctx.path, "system info")
     main_end = vm.skip(data, main_start, limits=limits)
     if main_end - main_start > limits.max_pickle_bytes:
         raise errors.FormatError("the pickle is larger than the limit", path=ctx.path, fix="raise Limits.max_pickle_bytes")
@@ -200,9 +239,14 @@ def read_stream(ctx: _Context, data: Any, *, memory: bool, item: str | None, mod
     storages = containers.StreamStorages(ctx.path, data if not memory else bytes(data), memory)
     main_item = item or "main pickle"
     policy = ctx.policy(REFS, storages, main_item, depth=depth)
-    value, _ = ctx.run(data, main_start, policy)
+    value, end = ctx.run(data, main_start, policy)
+    if end != main_end:
+        raise errors.FormatError("the main pickle's end is ambiguous (a parser differential)", path=ctx.path,
+                                 item=main_item, fix="the file is crafted; do not load it")
     graph.check(value, limits=limits, path=ctx.path, item=main_item)
-    storages.layout(keys, storage_start)
+    storages_end = storages.layout(keys, storage_start)
+    if memory:  # a nested archive is exactly the bytes torch.save wrote
+        ctx.whole(storages_end, len(data), main_item, "the nested archive's last storage")
     if mode == VALUES:
         ctx.loader.preload(list(storages.blobs.values()))
         policy = ctx.policy(VALUES, storages, main_item, depth=depth)
@@ -214,6 +258,14 @@ def _read_tar(ctx: _Context) -> Contents:
     layout = containers.TarLayout(ctx.path, ctx.limits)
     storages = containers.TarStorages()
     with open(ctx.path, "rb") as stream, mmap.mmap(stream.fileno(), 0, access=mmap.ACCESS_READ) as data:
+        if "sys_info" in layout.members:
+            begin, size = layout.members["sys_info"]
+            if size > containers.MAX_RECORD:
+                raise _tar_error(ctx, "the system-info member is larger than a record can be", "sys_info")
+            body = bytes(data[begin : begin + size])
+            ctx.whole_pickle(body, "sys_info")
+            sys_info, _ = ctx.run(body, 0, ctx.policy(REFS, None, "sys_info"))
+            containers.check_sys_info(sys_info, ctx.path, "sys_info")
         _tar_storages(ctx, data, layout, storages)
         _tar_tensors(ctx, data, layout, storages)
         begin, size = layout.members["pickle"]
@@ -222,6 +274,7 @@ def _read_tar(ctx: _Context) -> Contents:
         body = bytes(data[begin : begin + size])
     policy = ctx.policy(ctx.mode, storages, "pickle")
     storages.resolve = lambda ref: _tar_value(policy, ref)
+    ctx.whole_pickle(body, "pickle")  # before any tensor is built
     value, _ = ctx.run(body, 0, policy)
     return Contents(ctx.path, value, "tar")
 
@@ -263,7 +316,8 @@ def _tar_storages(ctx: _Context, data: Any, layout: containers.TarLayout, storag
         blob = tensors.Blob(ctx.path, f"storages[{key}]", pos, nbytes, dtype=kind.dtype)
         storages.objects[key] = tensors.StorageRef(blob, kind.dtype, 0, nbytes)
         pos += nbytes
-    views, _ = ctx.run(data, pos, policy())
+    views, pos = ctx.run(data, pos, policy())
+    ctx.whole(pos - begin, size, "storages", "the member's storage views")
     if type(views) is not list:
         raise _tar_error(ctx, "storage views must be a list", "storages")
     for view in views:
@@ -305,3 +359,4 @@ def _tar_tensors(ctx: _Context, data: Any, layout: containers.TarLayout, storage
         except ValueError as e:
             raise _tar_error(ctx, f"tensor {key}: {e}", "tensors") from e
         storages.objects[key] = tensors.TensorRef(storage, offset, shape, stride, storage.dtype)
+    ctx.whole(pos - begin, size, "tensors", "the member's last tensor")

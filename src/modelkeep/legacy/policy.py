@@ -37,8 +37,8 @@ class Sighting:
     """A global a pickle names and what the policy made of it; collected only when scanning.
 
     ``meaning`` is ``builder`` (built by modelkeep), ``trusted`` (a class of a trusted namespace),
-    ``script`` (a TorchScript class, never run), ``unknown``, ``computed`` (a name built at run
-    time by STACK_GLOBAL) or ``extension`` (a copyreg extension code).
+    ``script`` (a TorchScript class, never run), ``unknown``, ``computed`` (a STACK_GLOBAL name
+    built at run time), ``extension`` (a copyreg code) or ``trailing`` (bytes after a pickle).
     """
 
     module: str

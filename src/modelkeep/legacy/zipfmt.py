@@ -2,12 +2,13 @@
 
 Python's ``zipfile`` parses the central directory; everything after that is checked here before a
 byte is used: every name is a plain relative path (no traversal, no absolute or Windows paths), no
-entry is a symlink, encrypted, duplicated or stored with an unknown method, each local header
-agrees with the central directory, entries do not overlap (overlapping entries are how
-non-recursive zip bombs multiply their size), and a deflated entry may not claim to inflate past
-deflate's own limit or past a bound on the whole archive. Data is read with ``pread`` from the
-offsets found here, and every entry's CRC-32 is checked (archives written with
-``compute_crc32=False`` record no checksums at all, and are read without).
+entry is a symlink, encrypted, duplicated or stored with an unknown method, the end records agree
+with the central directory (``zipend``), each local header agrees with the central directory,
+entries do not overlap (overlapping entries are how non-recursive zip bombs multiply their size),
+and a deflated entry may not claim to inflate past deflate's own limit or past a bound on the
+whole archive. Data is read with ``pread`` from the offsets found here, and every entry's CRC-32
+is checked (archives written with ``compute_crc32=False`` record no checksums at all, and are
+read without).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import zlib
 from typing import Iterator
 
 from modelkeep import engine, errors
-from modelkeep.legacy import tensors
+from modelkeep.legacy import tensors, zipend
 from modelkeep.legacy.limits import Limits
 
 LOCAL_HEADER = 30
@@ -55,6 +56,7 @@ class ZipArchive:
                 infos = archive.infolist()
                 if len(infos) > limits.max_entries:
                     raise self._bad(f"the archive has {len(infos)} entries, more than {limits.max_entries}")
+                zipend.check_end_records(stream, path, len(infos))
                 for info in infos:
                     self._add(stream, info)
         except errors.ModelkeepError:
