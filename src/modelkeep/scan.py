@@ -27,7 +27,7 @@ import zipfile
 from typing import Any, Iterator
 
 from modelkeep import errors, format, sniff, storage
-from modelkeep.sources import sharded
+from modelkeep.sources import sharded, torchsave
 
 SAFE, NEEDS_TRUST, DANGEROUS = "safe", "needs-trust", "dangerous"
 _SEVERITY = {SAFE: 0, NEEDS_TRUST: 1, DANGEROUS: 2}
@@ -268,10 +268,55 @@ def _looks_like_model(path: str) -> bool:
     return head.startswith((b"PK\x03\x04", b"\x80")) or (len(head) == 9 and head[8:9] == b"{")
 
 
-def scan(path: str | os.PathLike[str] | list[str]) -> list[FileScan]:
-    """Scan a file or folder (or several) and return one ``FileScan`` per model file found."""
+def _scan_url(store: storage.Storage, top: str) -> list[FileScan]:
+    """Scan an object (or every object under a prefix) of a remote storage through a local copy
+    of its bytes; results name the URLs."""
+    if store.isdir(top):
+        found: list[FileScan] = []
+        for name in store.list_names(top):
+            found.extend(_scan_url(store, store.join(top, name)))
+        return found
+    if not (os.path.splitext(top)[1].lower() in MODEL_EXTENSIONS or top.endswith(".index.json")):
+        return []
+    try:
+        with torchsave.local_copy(store, top) as local:
+            results = list(_scan_one(local, 0))
+    except errors.ModelkeepError as e:
+        return [FileScan(top, "unknown", error=str(e))]
+    for result in results:  # the local copy's name is no use to the caller
+        result.path = top + result.path[len(local):]
+        if result.error is not None:
+            result.error = result.error.replace(local, top)
+    return results
+
+
+def scan(
+    path: str | os.PathLike[str] | list[str | os.PathLike[str]],
+    *,
+    storage_options: dict[str, Any] | None = None,
+) -> list[FileScan]:
+    """Scan files or folders for the code their pickles would run, without running anything.
+
+    Args:
+        path: a file or folder (folders recursively, plain zip archives member by member), a
+            URL (objects under a URL prefix are scanned too), or a list of them.
+        storage_options: for the fsspec file system of URLs.
+
+    Returns:
+        One FileScan per model file found: its globals with verdicts, or why it is unreadable.
+
+    Raises:
+        StorageError: a URL's scheme has no installed fsspec backend.
+    """
     paths = [os.fspath(p) for p in path] if isinstance(path, list) else [os.fspath(path)]
-    return scan_paths(paths)
+    results: list[FileScan] = []
+    for top in paths:
+        if storage.is_url(top):
+            store, where = storage.resolve(top, storage_options)
+            results.extend(_scan_url(store, where))
+        else:
+            results.extend(scan_paths([top]))
+    return results
 
 
 def exit_code(results: list[FileScan]) -> int:
