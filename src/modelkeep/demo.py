@@ -195,7 +195,7 @@ class Demo:
 
         import modelkeep as mk
         from modelkeep import models
-        from modelkeep.predict import spec as spec_module
+        from modelkeep.inference import spec as spec_module
 
         self.console.rule("[bold]Part 1: the tutorial, with vgg16")
         model, built = self.build_vgg16()

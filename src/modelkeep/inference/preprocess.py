@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from modelkeep import errors
-from modelkeep.predict import spec as spec_module
+from modelkeep.inference import spec as spec_module
 
 IMAGE_MAGIC = (
     b"\xff\xd8\xff",  # JPEG

@@ -15,8 +15,8 @@ import torch
 
 from modelkeep import errors
 from modelkeep import sniff as sniffing
-from modelkeep.predict import preprocess
-from modelkeep.predict import spec as spec_module
+from modelkeep.inference import preprocess
+from modelkeep.inference import spec as spec_module
 
 DEFAULT_BATCH_SIZE = 32
 MAX_JSON_VALUES = 10_000  # raw outputs larger than this are summarised in to_json()
@@ -203,6 +203,24 @@ def predict(
     ``.safetensors`` paths, PIL images, tensors or arrays, or a list of them. The spec comes from
     ``spec=``, the file, or the model (``create`` with named weights attaches one); without one,
     tensors go to the model as they are and a [batch, classes] output is read as logits.
+
+    Args:
+        model_or_path: a module, or the path of a file ``modelkeep.save`` wrote.
+        inputs: one input or a list of them (see above).
+        topk: classes ranked per sample, for classifiers.
+        spec: an ``InferenceSpec`` (or its JSON document) that replaces the recorded one.
+        batch_size: samples run through the model at once (samples of equal shape only).
+        device: where the model runs when it is loaded from a path (default: the CPU).
+
+    Returns:
+        One ``Prediction`` per sample, in input order: ``top`` holds the ranked classes of a
+        classifier, ``output`` the raw output.
+
+    Raises:
+        UnsupportedValueError: ``topk`` or ``batch_size`` is not a positive integer, or a model
+            (or input) of a kind that cannot be predicted with.
+        FormatError: an input is unreadable or does not fit the model's recorded input shape.
+        StorageError: an input or the model file cannot be read.
     """
     if isinstance(topk, bool) or not isinstance(topk, int) or topk < 1:
         raise errors.UnsupportedValueError(f"topk must be a positive integer, got {topk!r}", item="topk")
