@@ -34,7 +34,7 @@ CHILD = textwrap.dedent(
     names = json.loads(sys.argv[3])
 
     def modelkeep(path):
-        from modelkeep import scan
+        from modelkeep import scanning as scan
         verdicts = {r.verdict for r in scan.scan(path)}
         if verdicts & {"dangerous", "needs-trust"}:
             return "flagged"

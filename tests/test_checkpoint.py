@@ -588,7 +588,7 @@ def test_extract_weights_keeps_ties(tmp_path: Path) -> None:
 
 
 def test_convert_takes_model_weights_of_a_checkpoint(tmp_path: Path) -> None:
-    convert = pytest.importorskip("modelkeep.convert")
+    convert = pytest.importorskip("modelkeep.conversion")
     model, optimizer = tiny()
     path = mk.Checkpointer(tmp_path, async_save=False).save(0, model=model, optimizer=optimizer)
     convert.convert(path, tmp_path / "w.safetensors")

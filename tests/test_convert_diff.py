@@ -11,7 +11,9 @@ import torch
 from click.testing import CliRunner
 
 import modelkeep as mk
-from modelkeep import cli, convert, diff, errors
+from modelkeep import cli, errors
+from modelkeep import comparison as diff
+from modelkeep import conversion as convert
 
 
 def _state() -> dict[str, torch.Tensor]:

@@ -15,7 +15,7 @@ from PIL import Image
 
 import modelkeep as mk
 from modelkeep import errors
-from modelkeep.predict import preprocess, spec
+from modelkeep.inference import preprocess, spec
 
 SAMPLES = os.path.join(os.path.dirname(__import__("sklearn.datasets").datasets.__file__), "images")
 CHINA = os.path.join(SAMPLES, "china.jpg")

@@ -13,7 +13,7 @@ from PIL import Image
 
 import modelkeep as mk
 from modelkeep import cli, models
-from modelkeep.predict import spec
+from modelkeep.inference import spec
 
 SAMPLES = os.path.join(os.path.dirname(__import__("sklearn.datasets").datasets.__file__), "images")
 CHINA = os.path.join(SAMPLES, "china.jpg")

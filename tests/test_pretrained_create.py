@@ -12,7 +12,7 @@ from PIL import Image
 
 import modelkeep as mk
 from modelkeep import errors, models, pretrained
-from modelkeep.predict import spec as spec_module
+from modelkeep.inference import spec as spec_module
 from test_pretrained import Server, checkpoint_bytes, hashed_name, isolated_caches, server  # noqa: F401
 
 SAMPLES = os.path.join(os.path.dirname(__import__("sklearn.datasets").datasets.__file__), "images")

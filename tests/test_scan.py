@@ -16,7 +16,8 @@ import torch
 from click.testing import CliRunner
 
 import modelkeep as mk
-from modelkeep import cli, scan
+from modelkeep import cli
+from modelkeep import scanning as scan
 
 import adversarial
 
@@ -100,7 +101,7 @@ def test_unknown_classes_need_trust_and_are_not_imported(tmp_path) -> None:
         f"""
         import json, sys
         sys.path.insert(0, {str(package)!r})
-        from modelkeep import scan
+        from modelkeep import scanning as scan
         (result,) = scan.scan({str(tmp_path / "custom.pt")!r})
         print(json.dumps(result.to_json()))
         print("recorder" in sys.modules)
@@ -166,7 +167,7 @@ def test_cli_exit_codes_and_json(tmp_path) -> None:
 SCANNER = textwrap.dedent(
     """
     import json, os, resource, sys
-    from modelkeep import scan
+    from modelkeep import scanning as scan
     folder = sys.argv[1]
     with open("/proc/self/status") as status:
         size = next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmSize"))

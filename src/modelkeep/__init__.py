@@ -1,38 +1,63 @@
-"""modelkeep: save, load, inspect, convert and serve PyTorch models, safely and fast.
+"""modelkeep: save, load, inspect, scan, convert and compare PyTorch models, and predict with
+them, safely and fast.
 
-Only the public surface lives here. Heavy optional imports (torchvision, the HTTP server) happen
-inside the functions that need them, so ``import modelkeep`` costs little more than ``import torch``.
+Only the public surface lives here: ``__all__`` lists every public name, and no public name
+shadows a submodule (the modules behind ``scan``, ``convert``, ``diff`` and ``predict`` are
+``scanning``, ``conversion``, ``comparison`` and ``inference``). Heavy optional imports
+(torchvision, PIL) happen inside the functions that need them, so ``import modelkeep`` costs little
+more than ``import torch``.
 """
 
 from modelkeep import errors
 from modelkeep._version import __version__
 from modelkeep.api import LoadReport, load_state_dict, load_weights, save_weights
 from modelkeep.arch.factories import register_factory
-from modelkeep.checkpoint import Checkpointer, KeepAll, KeepBest, KeepEvery, KeepIf, KeepLast
+from modelkeep.checkpoint import (
+    CheckpointInfo,
+    Checkpointer,
+    KeepAll,
+    KeepBest,
+    KeepEvery,
+    KeepIf,
+    KeepLast,
+    Restored,
+)
+from modelkeep.comparison import DiffReport, TensorDiff, diff
+from modelkeep.conversion import ConvertReport, convert
 from modelkeep.errors import (
     ArchitectureError,
     FormatError,
     IntegrityError,
+    InvalidArgumentError,
     KeyMismatchError,
     ModelkeepError,
+    StepExistsError,
+    StepNotFoundError,
     StorageError,
     UnsafeContentError,
     UnsupportedValueError,
 )
-from modelkeep.inspection import FileInfo, VerifyReport, inspect, verify
+from modelkeep.inference.pipeline import Prediction, Ranked, predict
+from modelkeep.inference.spec import ImagePreprocess, InferenceSpec
+from modelkeep.inspection import FileInfo, TensorInfo, VerifyReport, inspect, verify
 from modelkeep.models import create, load, save
-from modelkeep.predict.pipeline import Prediction, predict  # binds modelkeep.predict to the function
-from modelkeep.predict.spec import ImagePreprocess, InferenceSpec
 from modelkeep.reading import read
+from modelkeep.scanning import FileScan, GlobalFinding, scan
 
 __all__ = [
     "ArchitectureError",
+    "CheckpointInfo",
     "Checkpointer",
+    "ConvertReport",
+    "DiffReport",
     "FileInfo",
+    "FileScan",
     "FormatError",
+    "GlobalFinding",
     "ImagePreprocess",
     "InferenceSpec",
     "IntegrityError",
+    "InvalidArgumentError",
     "KeepAll",
     "KeepBest",
     "KeepEvery",
@@ -42,12 +67,20 @@ __all__ = [
     "LoadReport",
     "ModelkeepError",
     "Prediction",
+    "Ranked",
+    "Restored",
+    "StepExistsError",
+    "StepNotFoundError",
     "StorageError",
+    "TensorDiff",
+    "TensorInfo",
     "UnsafeContentError",
     "UnsupportedValueError",
     "VerifyReport",
     "__version__",
+    "convert",
     "create",
+    "diff",
     "errors",
     "inspect",
     "load",
@@ -58,5 +91,6 @@ __all__ = [
     "register_factory",
     "save",
     "save_weights",
+    "scan",
     "verify",
 ]

@@ -1,5 +1,12 @@
 """The ``modelkeep`` command: thin commands over the public API.
 
+Every command calls ``modelkeep``'s public names only (``mk.inspect``, ``mk.scan``, ...) and
+``modelkeep.errors``, so whatever the command line can do, a user's script can do the same way.
+Two modules are imported beyond that, both presentation rather than operations:
+``modelkeep.progress`` (the one look of progress bars, shared with downloads) and ``modelkeep.demo``
+(the tutorial the ``demo`` command runs: a script to watch, not a function a user calls, so it is
+not exported).
+
 Exit codes: 0 success, 1 a finding (mismatch, difference), 2 the input could not be read.
 """
 
@@ -8,13 +15,14 @@ from __future__ import annotations
 import contextlib
 import json
 import sys
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import click
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+import modelkeep as mk
 from modelkeep import errors, progress
 
 EXIT_OK, EXIT_FINDINGS, EXIT_UNREADABLE = 0, 1, 2
@@ -47,6 +55,69 @@ def byte_progress(description: str, total: int) -> Iterator[Callable[[int], None
             yield lambda n: bar.advance(task, n)
 
 
+def outline(description: Any, *, max_items: int = 8, max_lines: int = 400) -> str:
+    """An indented outline of a checkpoint's described state (``FileInfo.state``), long lists
+    shortened, so ``inspect`` shows what a checkpoint holds without flooding the terminal.
+
+    Args:
+        description: the nested dicts and lists of ``mk.inspect(path).state``.
+        max_items: list items shown before "... N more".
+        max_lines: lines shown before the outline is cut with "...".
+
+    Returns:
+        The outline, one line per key or list item.
+    """
+    lines: list[str] = []
+
+    def short(value: Any) -> str:
+        text = json.dumps(value, ensure_ascii=False)
+        return text if len(text) <= 120 else text[:117] + "..."
+
+    def nested(value: Any) -> bool:  # a list of scalars stays on one line
+        return isinstance(value, (dict, list)) and bool(value) and not (
+            isinstance(value, list) and all(not isinstance(v, (dict, list)) for v in value))
+
+    def walk(value: Any, indent: str) -> None:
+        if len(lines) >= max_lines:
+            return
+        if isinstance(value, dict):
+            children = [(f"{key}", child) for key, child in value.items()]
+        elif isinstance(value, list):
+            children = [(f"[{index}]", child) for index, child in enumerate(value[:max_items])]
+        else:
+            return
+        for label, child in children:
+            if nested(child):
+                lines.append(f"{indent}{label}:")
+                walk(child, indent + "  ")
+            else:
+                lines.append(f"{indent}{label}: {short(child)}")
+        if isinstance(value, list) and len(value) > max_items:
+            lines.append(f"{indent}... {len(value) - max_items} more")
+
+    walk(description, "")
+    if len(lines) >= max_lines:
+        lines.append("...")
+    return "\n".join(lines)
+
+
+def scan_exit_code(results: list[mk.FileScan]) -> int:
+    """The scan's exit code for CI gates: 1 when any file has findings, else 2 when any is
+    unreadable, else 0.
+
+    Args:
+        results: what ``mk.scan`` returned.
+
+    Returns:
+        ``EXIT_FINDINGS``, ``EXIT_UNREADABLE`` or ``EXIT_OK``.
+    """
+    if any(r.findings for r in results):
+        return EXIT_FINDINGS
+    if any(r.error is not None for r in results):
+        return EXIT_UNREADABLE
+    return EXIT_OK
+
+
 def fail(error: errors.ModelkeepError) -> None:
     error_console.print(f"[red]error:[/red] {escape(str(error))}", markup=True, highlight=False)
     sys.exit(EXIT_UNREADABLE)
@@ -55,7 +126,7 @@ def fail(error: errors.ModelkeepError) -> None:
 @click.group()
 @click.version_option(package_name="modelkeep")
 def main() -> None:
-    """Save, load, inspect, convert and serve PyTorch models, safely and fast."""
+    """Inspect, verify, scan, convert, compare and predict with PyTorch model files, safely."""
 
 
 @main.command("inspect")
@@ -63,10 +134,8 @@ def main() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON document instead of tables.")
 def inspect_command(file: str, as_json: bool) -> None:
     """Show the tensors, totals, metadata, aliases and digests of FILE."""
-    from modelkeep import inspection
-
     try:
-        info = inspection.inspect(file)
+        info = mk.inspect(file)
     except errors.ModelkeepError as e:
         fail(e)
         return
@@ -97,10 +166,8 @@ def inspect_command(file: str, as_json: bool) -> None:
             continue  # shown below as an outline
         console.print(escape(f"{key}: {json.dumps(value)[:200]}"), highlight=False)
     if info.state is not None:
-        from modelkeep.checkpoint import files
-
         console.print("checkpoint state:")
-        console.print(escape(files.format_state(info.state)), highlight=False)
+        console.print(escape(outline(info.state)), highlight=False)
     for key, value in info.metadata.items():
         console.print(escape(f"metadata {key}: {value[:200]}"), highlight=False)
 
@@ -109,12 +176,10 @@ def inspect_command(file: str, as_json: bool) -> None:
 @click.argument("file", type=click.Path(dir_okay=False))
 def verify_command(file: str) -> None:
     """Recompute every tensor's digest. Exit 0 ok, 1 mismatch or no digests, 2 unreadable."""
-    from modelkeep import inspection
-
     try:
-        info = inspection.inspect(file)
+        info = mk.inspect(file)
         with byte_progress("verifying", info.total_bytes) as advance:
-            report = inspection.verify(file, progress=advance)
+            report = mk.verify(file, progress=advance)
     except errors.ModelkeepError as e:
         fail(e)
         return
@@ -140,12 +205,11 @@ def scan_command(paths: tuple[str, ...], as_json: bool) -> None:
 
     PATHS are files or folders (scanned recursively, plain zip archives member by member).
     """
-    from modelkeep import scan
-
-    results = scan.scan(list(paths))
+    results = mk.scan(list(paths))
+    code = scan_exit_code(results)
     if as_json:
-        click.echo(json.dumps({"files": [r.to_json() for r in results], "exit_code": scan.exit_code(results)}, indent=2))
-        sys.exit(scan.exit_code(results))
+        click.echo(json.dumps({"files": [r.to_json() for r in results], "exit_code": code}, indent=2))
+        sys.exit(code)
     colours = {"safe": "green", "needs-trust": "yellow", "dangerous": "red", "unreadable": "magenta"}
     table = Table(title="modelkeep scan")
     for column in ("file", "container", "verdict", "findings"):
@@ -162,7 +226,7 @@ def scan_command(paths: tuple[str, ...], as_json: bool) -> None:
     console.print(table)
     counts = {v: sum(r.verdict == v for r in results) for v in colours}
     console.print(", ".join(f"{n} {v}" for v, n in counts.items() if n) or "no model files found")
-    sys.exit(scan.exit_code(results))
+    sys.exit(code)
 
 
 @main.command("convert")
@@ -172,10 +236,8 @@ def scan_command(paths: tuple[str, ...], as_json: bool) -> None:
 @click.option("--shard-size", default=None, help="Split into shards of at most this size, e.g. 5GB.")
 def convert_command(src: str, dst: str, check: bool, shard_size: str | None) -> None:
     """Rewrite any readable model file SRC as a modelkeep file DST (or shards with an index)."""
-    from modelkeep import convert
-
     try:
-        report = convert.convert(src, dst, shard_size=shard_size, verify=check)
+        report = mk.convert(src, dst, shard_size=shard_size, verify=check)
     except errors.ModelkeepError as e:
         fail(e)
         return
@@ -194,10 +256,8 @@ def convert_command(src: str, dst: str, check: bool, shard_size: str | None) -> 
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON document instead of a table.")
 def diff_command(a: str, b: str, as_json: bool) -> None:
     """Compare the tensors of A and B by name. Exit 0 equal, 1 different, 2 unreadable."""
-    from modelkeep import diff
-
     try:
-        report = diff.diff(a, b)
+        report = mk.diff(a, b)
     except errors.ModelkeepError as e:
         fail(e)
         return
@@ -235,10 +295,8 @@ def diff_command(a: str, b: str, as_json: bool) -> None:
 def predict_command(model: str, inputs: tuple[str, ...], topk: int, batch_size: int, as_json: bool) -> None:
     """Predict with the saved MODEL on INPUT files: JPEG/PNG images (through the model's recorded
     preprocessing) or .npy/.safetensors tensors."""
-    from modelkeep.predict import pipeline
-
     try:
-        predictions = pipeline.predict(model, list(inputs), topk=topk, batch_size=batch_size)
+        predictions = mk.predict(model, list(inputs), topk=topk, batch_size=batch_size)
     except errors.ModelkeepError as e:
         fail(e)
         return
@@ -252,7 +310,7 @@ def predict_command(model: str, inputs: tuple[str, ...], topk: int, batch_size: 
     table.add_column("probability", justify="right")
     for prediction in predictions:
         if not prediction.top:
-            console.print(f"{prediction.source}: {pipeline.to_jsonable(prediction.output)}", highlight=False)
+            console.print(f"{prediction.source}: {prediction.to_json()['output']}", highlight=False)
             continue
         table.add_section()
         for rank, ranked in enumerate(prediction.top, 1):
@@ -272,7 +330,7 @@ def predict_command(model: str, inputs: tuple[str, ...], topk: int, batch_size: 
 @click.option("--workdir", type=click.Path(file_okay=False), help="Keep the demo's files here.")
 def demo_command(quick: bool, weights_path: str | None, workdir: str | None) -> None:
     """The save-and-load tutorial end to end, each step timed beside its torch equivalent."""
-    from modelkeep import demo
+    from modelkeep import demo  # the one operation module the CLI imports: see the module docstring
 
     try:
         result = demo.run(quick=quick, weights_path=weights_path, workdir=workdir)

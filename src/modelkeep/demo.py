@@ -158,7 +158,7 @@ class Demo:
     def build_vgg16(self) -> tuple[torch.nn.Module, Step]:
         import torchvision
 
-        from modelkeep import api, models, pretrained
+        from modelkeep import models, pretrained
 
         entry = pretrained.resolve(VGG, VGG_WEIGHTS)
         local = pretrained.local_source(VGG, VGG_WEIGHTS, self.weights_path)
@@ -195,7 +195,7 @@ class Demo:
 
         import modelkeep as mk
         from modelkeep import models
-        from modelkeep.predict import spec as spec_module
+        from modelkeep.inference import spec as spec_module
 
         self.console.rule("[bold]Part 1: the tutorial, with vgg16")
         model, built = self.build_vgg16()

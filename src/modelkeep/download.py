@@ -152,13 +152,12 @@ def download(
                 raise errors.StorageError(
                     f"download failed: {type(e).__name__}: {e}", path=url, fix="check the URL"
                 ) from e
-            except OSError as e:
+            except OSError as e:  # after the requests errors above, which are OSErrors too
                 if isinstance(e, errors.ModelkeepError):
                     raise
-                raise errors.StorageError(
-                    f"cannot write the download: {e.strerror or e}", path=partial, fix="check free space"
-                ) from e
-    digest = _sha256(partial)
+                raise errors.storage_error(e, partial, "writing the download") from e
+    with errors.map_os_errors(partial, "reading the download"):
+        digest = _sha256(partial)
     if hash_prefix and not digest.startswith(hash_prefix):
         with contextlib.suppress(OSError):
             os.unlink(partial)
@@ -168,5 +167,7 @@ def download(
             fix="the server sent other bytes (a proxy page, a changed file); nothing was kept, try "
             "again or check MODELKEEP_WEIGHTS_MIRROR",
         )
-    os.replace(partial, destination)
-    return Downloaded(destination, digest, os.path.getsize(destination))
+    with errors.map_os_errors(destination, "moving the download into place"):
+        os.replace(partial, destination)
+        size = os.path.getsize(destination)
+    return Downloaded(destination, digest, size)

@@ -357,14 +357,9 @@ def read_header(stream: BinaryIO, *, path: str, file_size: int) -> Header:
 def read_header_file(path: str | os.PathLike[str]) -> Header:
     """Open ``path`` and read its validated header."""
     path = os.fspath(path)
-    try:
-        with open(path, "rb") as stream:
-            size = os.fstat(stream.fileno()).st_size
-            return read_header(stream, path=path, file_size=size)
-    except OSError as e:
-        if isinstance(e, errors.ModelkeepError):
-            raise
-        raise errors.reading_failed(e, path) from e
+    with errors.map_os_errors(path, "reading"), open(path, "rb") as stream:
+        size = os.fstat(stream.fileno()).st_size
+        return read_header(stream, path=path, file_size=size)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -92,7 +92,7 @@ def register_weights(
     Name the file ``<anything>-<sha256 prefix>.<ext>`` to have its hash checked, as torch.hub does.
     ``inference`` (an InferenceSpec or its dict) is recorded with models built from it.
     """
-    from modelkeep.predict import spec as spec_module
+    from modelkeep.inference import spec as spec_module
 
     spec = spec_module.coerce(inference)
     entry = WeightsEntry(
@@ -167,7 +167,7 @@ def resolve(factory: str, weights: str) -> WeightsEntry:
             item=f"{factory}:{weights}",
             fix=f"use one of {names}",
         ) from e
-    from modelkeep.predict import spec as spec_module
+    from modelkeep.inference import spec as spec_module
 
     inference = spec_module.from_torchvision(member).to_json()
     return WeightsEntry(factory, member.name, member.url, inference, _torchvision_kwargs(builder, member))

@@ -304,6 +304,7 @@ def _mismatch_error(path: str, report: LoadReport, file_names: list[str]) -> err
         path=path,
         item="state dict",
         fix=fix,
+        report=report,
     )
 
 

@@ -48,6 +48,18 @@ def register_factory(
 
     Use as ``@register_factory`` (named ``module.qualname``) or ``@register_factory("my.name")``.
     ``modelkeep.create("my.name", **kwargs)`` then builds it, and ``save`` records it.
+
+    Args:
+        fn: the builder (a function or class returning a module), or the name to register it
+            under when used as ``@register_factory("my.name")``.
+        name: the name to register under (default ``fn.__module__ + "." + fn.__qualname__``).
+
+    Returns:
+        ``fn`` itself (so it works as a decorator), or a decorator when no builder was given.
+
+    Raises:
+        ArchitectureError: ``fn`` is not callable, the name is not a dotted identifier or is in
+            the torchvision/timm namespaces, or another builder holds the name.
     """
     if isinstance(fn, str):
         return functools.partial(register_factory, name=fn)

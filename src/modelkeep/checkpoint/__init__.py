@@ -16,7 +16,6 @@ tensors), *how and where* bytes are written (``files``, ``writer``, ``modelkeep.
 from modelkeep.checkpoint.files import (
     describe_state,
     extract_weights,
-    format_state,
     model_weights,
     read_state,
 )
@@ -47,7 +46,6 @@ __all__ = [
     "Restored",
     "describe_state",
     "extract_weights",
-    "format_state",
     "model_weights",
     "read_state",
 ]

@@ -8,7 +8,6 @@ turns a checkpoint's model into a weights file.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from typing import Any, Mapping
@@ -91,44 +90,6 @@ def describe_state(header: format.Header) -> Any:
         return f"tensor {entry.dtype}{list(entry.shape)}"
 
     return _jsonable(tree.decode(state_tree(header), header.entries, path=header.path, resolve=describe))
-
-
-def format_state(description: Any, *, max_items: int = 8, max_lines: int = 400) -> str:
-    """An indented outline of a described state, long lists shortened."""
-    lines: list[str] = []
-
-    def short(value: Any) -> str:
-        text = json.dumps(value, ensure_ascii=False)
-        return text if len(text) <= 120 else text[:117] + "..."
-
-    def walk(value: Any, indent: str) -> None:
-        if len(lines) >= max_lines:
-            return
-        if isinstance(value, dict):
-            for key, child in value.items():
-                if isinstance(child, (dict, list)) and child and not _scalars(child):
-                    lines.append(f"{indent}{key}:")
-                    walk(child, indent + "  ")
-                else:
-                    lines.append(f"{indent}{key}: {short(child)}")
-        elif isinstance(value, list):
-            for index, child in enumerate(value[:max_items]):
-                if isinstance(child, (dict, list)) and child and not _scalars(child):
-                    lines.append(f"{indent}[{index}]:")
-                    walk(child, indent + "  ")
-                else:
-                    lines.append(f"{indent}[{index}]: {short(child)}")
-            if len(value) > max_items:
-                lines.append(f"{indent}... {len(value) - max_items} more")
-
-    walk(description, "")
-    if len(lines) >= max_lines:
-        lines.append("...")
-    return "\n".join(lines)
-
-
-def _scalars(value: Any) -> bool:
-    return isinstance(value, list) and all(not isinstance(v, (dict, list)) for v in value)
 
 
 def model_weights(

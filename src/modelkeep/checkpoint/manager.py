@@ -93,9 +93,15 @@ class Checkpointer:
             keep_last, keep_best, keep_every, metric, mode)
         self.metric, self.mode = metric, mode
         if mode not in ("min", "max"):
-            raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
+            raise errors.InvalidArgumentError(
+                f"must be 'min' or 'max', not {mode!r}", item="mode",
+                fix="mode='min' when lower is better (a loss), 'max' when higher is (accuracy)",
+            )
         if snapshot not in ("overlap", "copy"):
-            raise ValueError(f"snapshot must be 'overlap' or 'copy', got {snapshot!r}")
+            raise errors.InvalidArgumentError(
+                f"must be 'overlap' or 'copy', not {snapshot!r}", item="snapshot",
+                fix="snapshot='overlap' (default) or snapshot='copy'",
+            )
         self.async_save, self.snapshot_mode = async_save, snapshot
         self.blocked_seconds = 0.0  # time optimizer.step() waited for background snapshot copies
         self._writer = writer.AsyncWriter(max_in_flight)
@@ -147,7 +153,10 @@ class Checkpointer:
         """The committed step with the best ``metric`` (default: the one given at construction)."""
         metric = metric or self.metric
         if metric is None:
-            raise ValueError("best() needs a metric: Checkpointer(..., metric='val_loss') or best('val_loss')")
+            raise errors.InvalidArgumentError(
+                "best() needs a metric", item="metric",
+                fix="Checkpointer(..., metric='val_loss') or best('val_loss')",
+            )
         ranked = keep.KeepBest(1, metric, mode or self.mode).ranked(self._infos_of_steps())
         return ranked[0].step if ranked else None
 
@@ -169,14 +178,17 @@ class Checkpointer:
         elif isinstance(step, int) and not isinstance(step, bool):
             found = step if step in self.steps() else None
             if found is None:
-                raise errors.StorageError(
+                raise errors.StepNotFoundError(
                     f"no committed checkpoint for step {step}", path=self.directory,
                     fix=f"choose one of {self.steps()[-10:]}",
                 )
         else:
-            raise ValueError(f"step must be an int, 'latest' or 'best', not {step!r}")
+            raise errors.InvalidArgumentError(
+                f"must be an int, 'latest' or 'best', not {step!r}", item="step",
+                fix="pass a saved step number, 'latest' or 'best'",
+            )
         if found is None:
-            raise errors.StorageError(
+            raise errors.StepNotFoundError(
                 f"no checkpoint to restore ({step})", path=self.directory,
                 fix="save one first; check `checkpointer.latest() is not None` before restoring",
             )
@@ -213,9 +225,12 @@ class Checkpointer:
 
     def _check_step(self, step: int, overwrite: bool) -> int:
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-            raise ValueError(f"step must be a non-negative integer, got {step!r}")
+            raise errors.InvalidArgumentError(
+                f"must be a non-negative integer, not {step!r}", item="step",
+                fix="pass the training step (0, 1, 2, ...)",
+            )
         if not overwrite and (step in self._pending or step in self.steps()):
-            raise errors.StorageError(
+            raise errors.StepExistsError(
                 f"step {step} is already saved", path=self.path(step),
                 fix="pass overwrite=True to replace it, or save a new step",
             )
@@ -247,9 +262,9 @@ class Checkpointer:
             try:
                 self.storage.write_tensor_file(path, snap.tensors, metadata)
             except OSError as e:  # a storage may raise plain OSErrors; callers get StorageError
-                if isinstance(e, errors.StorageError):
+                if isinstance(e, errors.ModelkeepError):
                     raise
-                raise stores.storage_error(e, path, "writing") from e
+                raise errors.storage_error(e, path, "writing") from e
             with self._lock:
                 self._infos[step] = info
 
@@ -271,8 +286,7 @@ class Checkpointer:
             try:
                 self.storage.delete(info.path)
             except OSError as e:
-                error = e if isinstance(e, errors.StorageError) else stores.storage_error(
-                    e, info.path, "deleting")
+                error = errors.storage_error(e, info.path, "deleting")
                 error.add_note(f"step {committed} was committed; only removing old step {info.step} failed")
                 raise error from (None if error is e else e)
             with self._lock:

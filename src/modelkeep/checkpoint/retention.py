@@ -13,6 +13,8 @@ import dataclasses
 import math
 from typing import Callable, Mapping, Sequence
 
+from modelkeep import errors
+
 
 @dataclasses.dataclass(frozen=True)
 class CheckpointInfo:
@@ -32,15 +34,21 @@ class Policy(abc.ABC):
         """Steps to keep; ``infos`` is sorted by step, oldest first."""
 
     def __or__(self, other: "Policy") -> "Policy":
+        if not isinstance(other, Policy):
+            return NotImplemented  # Python then raises its TypeError for the operator
         return AnyOf(self, other)
 
     def __and__(self, other: "Policy") -> "Policy":
+        if not isinstance(other, Policy):
+            return NotImplemented
         return AllOf(self, other)
 
 
 def _positive(value: int, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        raise errors.InvalidArgumentError(
+            f"must be a positive integer, not {value!r}", item=name, fix="pass 1, 2, 3, ..."
+        )
     return value
 
 
@@ -80,9 +88,15 @@ class KeepBest(Policy):
     def __post_init__(self) -> None:
         _positive(self.n, "KeepBest(n)")
         if self.mode not in ("min", "max"):
-            raise ValueError(f"KeepBest mode must be 'min' or 'max', got {self.mode!r}")
+            raise errors.InvalidArgumentError(
+                f"KeepBest mode must be 'min' or 'max', not {self.mode!r}", item="mode",
+                fix="mode='min' when lower is better (a loss), 'max' when higher is (accuracy)",
+            )
         if not isinstance(self.metric, str) or not self.metric:
-            raise ValueError("KeepBest needs the name of a metric passed to save(metrics=...)")
+            raise errors.InvalidArgumentError(
+                "KeepBest needs the name of a metric", item="metric",
+                fix="pass a key of save(metrics=...), e.g. KeepBest(3, 'val_loss')",
+            )
 
     def ranked(self, infos: Sequence[CheckpointInfo]) -> list[CheckpointInfo]:
         """Checkpoints that have the metric, best first."""
@@ -157,7 +171,10 @@ def _flatten(policies: Sequence[Policy], kind: type) -> tuple[Policy, ...]:
     out: list[Policy] = []
     for policy in policies:
         if not isinstance(policy, Policy):
-            raise TypeError(f"retention policies must be Policy objects, got {type(policy).__name__}")
+            raise errors.InvalidArgumentError(
+                f"retention policies must be Policy objects, not {type(policy).__name__}",
+                item="retention", fix="combine KeepLast, KeepBest, KeepEvery, KeepIf or KeepAll",
+            )
         out.extend(policy.policies if isinstance(policy, kind) else [policy])  # type: ignore[attr-defined]
     return tuple(out)
 
@@ -175,7 +192,10 @@ def from_options(
         policies.append(KeepLast(keep_last))
     if keep_best is not None:
         if metric is None:
-            raise ValueError("keep_best needs metric=NAME (a key of save(metrics=...))")
+            raise errors.InvalidArgumentError(
+                "keep_best needs a metric", item="metric",
+                fix="pass metric=NAME, a key of save(metrics=...)",
+            )
         policies.append(KeepBest(keep_best, metric, mode))
     if keep_every is not None:
         policies.append(KeepEvery(keep_every))

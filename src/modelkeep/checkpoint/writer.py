@@ -16,6 +16,8 @@ import threading
 import weakref
 from typing import Callable
 
+from modelkeep import errors
+
 
 @dataclasses.dataclass
 class Job:
@@ -35,7 +37,10 @@ class AsyncWriter:
 
     def __init__(self, max_in_flight: int = 1) -> None:
         if isinstance(max_in_flight, bool) or not isinstance(max_in_flight, int) or max_in_flight < 1:
-            raise ValueError(f"max_in_flight must be a positive integer, got {max_in_flight!r}")
+            raise errors.InvalidArgumentError(
+                f"must be a positive integer, not {max_in_flight!r}", item="max_in_flight",
+                fix="pass 1 (default) or more saves to keep in flight",
+            )
         self.max_in_flight = max_in_flight
         self._cond = threading.Condition()
         self._queue: collections.deque[Job] = collections.deque()

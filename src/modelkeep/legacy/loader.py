@@ -127,15 +127,14 @@ def unsafe_error(offences: list[Offence], path: str) -> errors.UnsafeContentErro
         where = f"{offence.item} byte {offence.position}" if offence.item else f"byte {offence.position}"
         grouped.setdefault(offence.name, []).append(where)
     listed = [f"{name} (at {', '.join(places[:5])}{', ...' if len(places) > 5 else ''})" for name, places in grouped.items()]
-    error = errors.UnsafeContentError(
+    return errors.UnsafeContentError(
         f"the pickle names {len(grouped)} global(s) that modelkeep does not build, because torch.load "
         f"would import and run them: {'; '.join(listed[:50])}" + (" ..." if len(listed) > 50 else ""),
         path=path,
         fix="do not torch.load this file unless you trust its source. To rescue its tensors pass "
         "on_unknown='placeholder'; to rebuild classes you trust pass trust=('package',)",
+        globals=list(grouped.items()),
     )
-    error.globals = [(name, places) for name, places in grouped.items()]  # type: ignore[attr-defined]
-    return error
 
 
 def read_contents(

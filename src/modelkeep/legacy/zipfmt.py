@@ -65,7 +65,7 @@ class ZipArchive:
                 NotImplementedError, UnicodeError, IndexError, KeyError) as e:
             raise self._bad(f"is not a readable zip archive ({e})") from e
         except OSError as e:
-            raise errors.StorageError(f"cannot read: {e.strerror or e}", path=path, fix="check the file") from e
+            raise errors.storage_error(e, path, "reading") from e
         self._check_layout()
         self.check_crc = any(e.crc != 0 for e in self.entries.values() if e.size)
 

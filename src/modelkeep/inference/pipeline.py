@@ -15,8 +15,8 @@ import torch
 
 from modelkeep import errors
 from modelkeep import sniff as sniffing
-from modelkeep.predict import preprocess
-from modelkeep.predict import spec as spec_module
+from modelkeep.inference import preprocess
+from modelkeep.inference import spec as spec_module
 
 DEFAULT_BATCH_SIZE = 32
 MAX_JSON_VALUES = 10_000  # raw outputs larger than this are summarised in to_json()
@@ -209,21 +209,23 @@ def predict(
     tensors go to the model as they are and a [batch, classes] output is read as logits.
 
     Args:
-        model_or_path: an ``nn.Module``, or a model file saved with ``modelkeep.save`` (or a
-            torch.save'd whole module of trusted classes): a path or an fsspec URL.
+        model_or_path: a module, or a file ``modelkeep.save`` wrote (a path or an fsspec URL).
         inputs: one input or a list of them (see above).
-        topk: how many classes each Prediction ranks.
-        spec: the inference spec to use instead of the recorded one.
-        batch_size: samples per forward pass.
-        device: where the model runs.
+        topk: classes ranked per sample, for classifiers.
+        spec: an ``InferenceSpec`` (or its JSON document) that replaces the recorded one.
+        batch_size: samples run through the model at once (samples of equal shape only).
+        device: where the model runs when it is loaded from a path (default: the CPU).
         storage_options: for the fsspec file system of a model URL.
 
     Returns:
-        One Prediction per sample, in input order.
+        One ``Prediction`` per sample, in input order: ``top`` holds the ranked classes of a
+        classifier, ``output`` the raw output.
 
     Raises:
-        UnsupportedValueError: an argument is invalid. FormatError: an input or the model file
-        cannot be read. StorageError: a file is missing or unreadable.
+        UnsupportedValueError: ``topk`` or ``batch_size`` is not a positive integer, or a model
+            (or input) of a kind that cannot be predicted with.
+        FormatError: an input is unreadable or does not fit the model's recorded input shape.
+        StorageError: an input or the model file cannot be read.
     """
     if isinstance(topk, bool) or not isinstance(topk, int) or topk < 1:
         raise errors.UnsupportedValueError(f"topk must be a positive integer, got {topk!r}", item="topk")

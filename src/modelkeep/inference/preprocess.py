@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from modelkeep import errors
-from modelkeep.predict import spec as spec_module
+from modelkeep.inference import spec as spec_module
 
 IMAGE_MAGIC = (
     b"\xff\xd8\xff",  # JPEG
@@ -48,15 +48,8 @@ def _input_error(what: str, source: str, fix: str) -> errors.FormatError:
 
 def sniff(path: str) -> str:
     """``"image"``, ``"npy"`` or ``"safetensors"``, by the file's first bytes."""
-    try:
-        with open(path, "rb") as stream:
-            head = stream.read(16)
-    except FileNotFoundError as e:
-        raise errors.StorageError("no such file", path=path, fix="check the input path") from e
-    except IsADirectoryError as e:
-        raise errors.StorageError("is a folder, not a file", path=path, fix="name the files inside it") from e
-    except PermissionError as e:
-        raise errors.StorageError("permission denied", path=path, fix="check file permissions") from e
+    with errors.map_os_errors(path, "reading"), open(path, "rb") as stream:
+        head = stream.read(16)
     if head.startswith(NPY_MAGIC):
         return "npy"
     if any(head.startswith(magic) for magic in IMAGE_MAGIC) or (head[:4] == b"RIFF" and head[8:12] == b"WEBP"):
@@ -80,8 +73,8 @@ def open_image(path: str) -> Any:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(path)
             image.load()
-    except FileNotFoundError as e:
-        raise errors.StorageError("no such file", path=path, fix="check the input path") from e
+    except (FileNotFoundError, IsADirectoryError, PermissionError) as e:  # not a damaged image
+        raise errors.storage_error(e, path, "reading") from e
     except UnidentifiedImageError as e:
         raise _input_error("is not an image that can be read", path, fix) from e
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
