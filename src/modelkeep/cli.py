@@ -118,6 +118,30 @@ def scan_exit_code(results: list[mk.FileScan]) -> int:
     return EXIT_OK
 
 
+def _parse_storage_options(
+    _ctx: click.Context, _param: click.Parameter, pairs: tuple[str, ...]
+) -> dict[str, Any] | None:
+    """``KEY=VALUE`` pairs as fsspec options; a VALUE that is JSON (``true``, ``3``, ``{...}``) is
+    decoded, anything else stays a string."""
+    options: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"{pair!r} is not KEY=VALUE", param_hint="--storage-option")
+        try:
+            options[key] = json.loads(value)
+        except ValueError:
+            options[key] = value
+    return options or None
+
+
+storage_option = click.option(
+    "--storage-option", "storage_options", multiple=True, callback=_parse_storage_options,
+    metavar="KEY=VALUE",
+    help="An fsspec option for URL locations (s3://...), e.g. endpoint_url=http://127.0.0.1:8333; repeatable.",
+)
+
+
 def fail(error: errors.ModelkeepError) -> None:
     error_console.print(f"[red]error:[/red] {escape(str(error))}", markup=True, highlight=False)
     sys.exit(EXIT_UNREADABLE)
@@ -130,12 +154,13 @@ def main() -> None:
 
 
 @main.command("inspect")
-@click.argument("file", type=click.Path(dir_okay=False))
+@storage_option
+@click.argument("file")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON document instead of tables.")
-def inspect_command(file: str, as_json: bool) -> None:
+def inspect_command(file: str, as_json: bool, storage_options: dict[str, Any] | None) -> None:
     """Show the tensors, totals, metadata, aliases and digests of FILE."""
     try:
-        info = mk.inspect(file)
+        info = mk.inspect(file, storage_options=storage_options)
     except errors.ModelkeepError as e:
         fail(e)
         return
@@ -173,13 +198,14 @@ def inspect_command(file: str, as_json: bool) -> None:
 
 
 @main.command("verify")
-@click.argument("file", type=click.Path(dir_okay=False))
-def verify_command(file: str) -> None:
+@storage_option
+@click.argument("file")
+def verify_command(file: str, storage_options: dict[str, Any] | None) -> None:
     """Recompute every tensor's digest. Exit 0 ok, 1 mismatch or no digests, 2 unreadable."""
     try:
-        info = mk.inspect(file)
+        info = mk.inspect(file, storage_options=storage_options)
         with byte_progress("verifying", info.total_bytes) as advance:
-            report = mk.verify(file, progress=advance)
+            report = mk.verify(file, progress=advance, storage_options=storage_options)
     except errors.ModelkeepError as e:
         fail(e)
         return
@@ -198,14 +224,15 @@ def verify_command(file: str) -> None:
 
 
 @main.command("scan")
+@storage_option
 @click.argument("paths", nargs=-1, required=True, type=click.Path())
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON document instead of a table.")
-def scan_command(paths: tuple[str, ...], as_json: bool) -> None:
+def scan_command(paths: tuple[str, ...], as_json: bool, storage_options: dict[str, Any] | None) -> None:
     """Find the code model files would run, without running it. Exit 0 clean, 1 findings, 2 unreadable.
 
     PATHS are files or folders (scanned recursively, plain zip archives member by member).
     """
-    results = mk.scan(list(paths))
+    results = mk.scan(list(paths), storage_options=storage_options)
     code = scan_exit_code(results)
     if as_json:
         click.echo(json.dumps({"files": [r.to_json() for r in results], "exit_code": code}, indent=2))
@@ -230,14 +257,15 @@ def scan_command(paths: tuple[str, ...], as_json: bool) -> None:
 
 
 @main.command("convert")
-@click.argument("src", type=click.Path(exists=True))
-@click.argument("dst", type=click.Path(dir_okay=False))
+@storage_option
+@click.argument("src")
+@click.argument("dst")
 @click.option("--verify", "check", is_flag=True, help="Read the output back and compare every tensor.")
 @click.option("--shard-size", default=None, help="Split into shards of at most this size, e.g. 5GB.")
-def convert_command(src: str, dst: str, check: bool, shard_size: str | None) -> None:
+def convert_command(src: str, dst: str, check: bool, shard_size: str | None, storage_options: dict[str, Any] | None) -> None:
     """Rewrite any readable model file SRC as a modelkeep file DST (or shards with an index)."""
     try:
-        report = mk.convert(src, dst, shard_size=shard_size, verify=check)
+        report = mk.convert(src, dst, shard_size=shard_size, verify=check, storage_options=storage_options)
     except errors.ModelkeepError as e:
         fail(e)
         return
@@ -251,13 +279,14 @@ def convert_command(src: str, dst: str, check: bool, shard_size: str | None) -> 
 
 
 @main.command("diff")
-@click.argument("a", type=click.Path(exists=True))
-@click.argument("b", type=click.Path(exists=True))
+@storage_option
+@click.argument("a")
+@click.argument("b")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON document instead of a table.")
-def diff_command(a: str, b: str, as_json: bool) -> None:
+def diff_command(a: str, b: str, as_json: bool, storage_options: dict[str, Any] | None) -> None:
     """Compare the tensors of A and B by name. Exit 0 equal, 1 different, 2 unreadable."""
     try:
-        report = mk.diff(a, b)
+        report = mk.diff(a, b, storage_options=storage_options)
     except errors.ModelkeepError as e:
         fail(e)
         return
@@ -287,16 +316,17 @@ def diff_command(a: str, b: str, as_json: bool) -> None:
 
 
 @main.command("predict")
-@click.argument("model", type=click.Path(dir_okay=False))
+@storage_option
+@click.argument("model")
 @click.argument("inputs", nargs=-1, required=True, type=click.Path(dir_okay=False))
 @click.option("--topk", default=5, show_default=True, type=click.IntRange(min=1), help="Classes to show per input.")
 @click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1))
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON document instead of tables.")
-def predict_command(model: str, inputs: tuple[str, ...], topk: int, batch_size: int, as_json: bool) -> None:
+def predict_command(model: str, inputs: tuple[str, ...], topk: int, batch_size: int, as_json: bool, storage_options: dict[str, Any] | None) -> None:
     """Predict with the saved MODEL on INPUT files: JPEG/PNG images (through the model's recorded
     preprocessing) or .npy/.safetensors tensors."""
     try:
-        predictions = mk.predict(model, list(inputs), topk=topk, batch_size=batch_size)
+        predictions = mk.predict(model, list(inputs), topk=topk, batch_size=batch_size, storage_options=storage_options)
     except errors.ModelkeepError as e:
         fail(e)
         return

@@ -44,26 +44,21 @@ def resolve(
 
     Args:
         location: an OS path, a ``file://`` URL or any fsspec URL.
-        storage_options: passed to the fsspec file system (credentials, endpoint, ...); must be
-            empty for local paths.
+        storage_options: passed to the fsspec file system (credentials, endpoint, ...); local
+            paths need none and ignore them (so one set serves an operation on a local file and
+            a URL, such as a conversion).
 
     Returns:
         ``(storage, path)``: local paths are returned as given (errors name what the user typed).
 
     Raises:
-        StorageError: the URL's scheme has no installed fsspec backend, or options were given
-            for a local path.
+        StorageError: the URL's scheme has no installed fsspec backend.
     """
     location = os.fspath(location)
     if location.startswith("file://"):
         location = location[len("file://") :]
     if is_url(location):
         return FsspecStorage.from_url(location, **dict(storage_options or {})), location
-    if storage_options:
-        raise errors.StorageError(
-            "storage_options were given for a local path", path=location,
-            fix="pass storage_options only with a URL such as s3://bucket/key",
-        )
     return LOCAL, location
 
 
