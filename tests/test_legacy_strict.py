@@ -5,7 +5,6 @@ readers and flagged by ``scan``. The zip end-record checks are in ``test_legacy_
 from __future__ import annotations
 
 import collections
-import importlib
 import io
 import os
 import pickle
@@ -28,7 +27,7 @@ import adversarial
 from adversarial import call, checkpoint, g, i, ordered_dict, p2, s, t
 from test_legacy_support import same
 
-scanning = importlib.import_module("modelkeep.scan")  # the module, whatever ``mk.scan`` is
+from modelkeep import scanning
 
 SYS_INFO = {"protocol_version": 1001, "little_endian": True, "type_sizes": {"short": 2, "int": 4, "long": 8}}
 POLYGLOT = "bytes after the pickle's STOP opcode"

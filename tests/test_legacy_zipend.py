@@ -5,7 +5,6 @@ zip64 ones included, still load."""
 
 from __future__ import annotations
 
-import importlib
 import io
 import struct
 import zipfile
@@ -20,7 +19,7 @@ from modelkeep import errors
 
 from test_legacy_support import same
 
-scanning = importlib.import_module("modelkeep.scan")  # the module, whatever ``mk.scan`` is
+from modelkeep import scanning
 
 def end_offsets(data: bytes) -> tuple[int, int, int]:
     """(end record, zip64 locator, zip64 end record) offsets of a torch.save archive."""
