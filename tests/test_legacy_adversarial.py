@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 import modelkeep as mk
 from modelkeep import errors, legacy
-from modelkeep.options import ReadOptions, read_options
+from modelkeep.options import ReadOptions
 from modelkeep.legacy import graph, policy, trusted, vm
 
 import adversarial

@@ -11,7 +11,7 @@ from torch import nn
 
 import modelkeep as mk
 from modelkeep import errors, legacy
-from modelkeep.options import ReadOptions, read_options
+from modelkeep.options import read_options
 from test_legacy_support import same
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore:.*enable_nested_tensor.*:UserWarning")

@@ -13,6 +13,7 @@ from torch import nn
 
 import modelkeep as mk
 from modelkeep import api, format, models, reading
+from modelkeep.inference import spec as spec_module
 
 BATCHES = (1, 3)
 
@@ -190,9 +191,12 @@ def test_inference_spec_is_stored_and_attached(tmp_path) -> None:
     spec = {"input": {"shape": [None, 1, 8, 8], "dtype": "float32"}, "labels": [str(i) for i in range(10)]}
     path = tmp_path / "cnn.mk"
     mk.save(model, path, inference=spec, metadata={"note": "kept"})
-    assert models.read_inference(path) == spec
+    stored = mk.InferenceSpec.from_json(spec)  # the file holds the validated, complete document
+    assert models.read_inference(path) == stored.to_json()
+    assert stored.input_shape == (None, 1, 8, 8) and stored.labels == tuple(str(i) for i in range(10))
     loaded = mk.load(path)
-    assert loaded._modelkeep_inference == spec
+    assert spec_module.attached(loaded) == stored
+    assert loaded.__dict__[spec_module.ATTRIBUTE] == stored  # one value type on the attribute
     assert reading.read_header(path).metadata["note"] == "kept"
 
     class Spec:
@@ -200,12 +204,15 @@ def test_inference_spec_is_stored_and_attached(tmp_path) -> None:
             return {"labels": ["a"]}
 
     mk.save(model, path, inference=Spec())
-    assert models.read_inference(path) == {"labels": ["a"]}
-    object.__setattr__(model, "_modelkeep_inference", {"labels": ["b"]})
+    assert spec_module.read(path).labels == ("a",)
+    spec_module.attach(model, {"labels": ["b"]})
+    assert isinstance(model.__dict__[spec_module.ATTRIBUTE], mk.InferenceSpec)
     mk.save(model, path)
-    assert models.read_inference(path) == {"labels": ["b"]}
+    assert spec_module.read(path).labels == ("b",)
     with pytest.raises(mk.UnsupportedValueError):
         mk.save(model, path, inference={"bad": object()})
+    with pytest.raises(mk.UnsupportedValueError):
+        mk.save(model, path, inference=object())
 
 
 def test_create_with_named_weights_uses_the_pretrained_loader(tmp_path, monkeypatch) -> None:
@@ -227,12 +234,12 @@ def test_create_with_named_weights_uses_the_pretrained_loader(tmp_path, monkeypa
     monkeypatch.setattr(pretrained, "load_named_weights", fake_load_named_weights)
     model = mk.create("torchvision:resnet18", weights="IMAGENET1K_V1")
     assert calls == [("torchvision.models.resnet18", "IMAGENET1K_V1", True)]
-    assert model._modelkeep_inference == {"labels": ["tench"]}
+    assert spec_module.attached(model) == mk.InferenceSpec(labels=("tench",))
     assert model._modelkeep_recipe["kwargs"] == {"weights": "ResNet18_Weights.IMAGENET1K_V1"}
     _same_outputs(reference, model, (3, 32, 32))
     path = tmp_path / "r18.mk"
     mk.save(model, path)
-    assert models.read_inference(path) == {"labels": ["tench"]}
+    assert spec_module.read(path) == mk.InferenceSpec(labels=("tench",))
     _same_outputs(reference, mk.load(path), (3, 32, 32))
     with pytest.raises(mk.ArchitectureError, match="no weights"):
         mk.create("torchvision:resnet18", weights="NOT_A_WEIGHT")

@@ -16,13 +16,13 @@ from typing import Any, Mapping
 import torch
 
 from modelkeep import errors, format, options, reading, sniff, storage, weights
+from modelkeep.arch import factories, graph, modules, names, rebuild, records, verify
+from modelkeep.inference import spec as spec_module
 from modelkeep.sources import torchsave
 from modelkeep.sources.safetensors import SafetensorsSource
-from modelkeep.arch import factories, graph, modules, rebuild, records, verify
 
 STRATEGIES = records.STRATEGIES
 RECIPE_ATTR = "_modelkeep_recipe"
-INFERENCE_ATTR = "_modelkeep_inference"
 
 _OPTIONS = (
     "options: (1) build it with modelkeep.create('torchvision:resnet18', ...) or pass "
@@ -48,8 +48,8 @@ def create(
     """Build a model from a trusted factory and remember the recipe, so ``save`` needs no hints.
 
     Args:
-        name: ``"torchvision:vgg16"``, ``"torchvision.models.vgg16"``, ``"timm:resnet18"`` or a
-            registered name.
+        name: any spelling ``modelkeep.arch.names.parse`` accepts: ``"torchvision:vgg16"``,
+            ``"torchvision.models.vgg16"``, ``"timm:resnet18"`` or a registered name.
         weights: named pretrained weights (``"IMAGENET1K_V1"``), loaded with their inference spec
             instead of a random init.
         weights_file: where those weights' checkpoint is (a path or an fsspec URL); by default
@@ -65,7 +65,7 @@ def create(
         IntegrityError: the checkpoint's sha256 does not match its name.
         StorageError: the weights cannot be read or downloaded.
     """
-    canonical = factories.canonical_name(name)
+    canonical = names.parse(name).qualified
     try:
         builder = factories.resolve(canonical)
     except errors.UnsafeContentError as e:
@@ -87,17 +87,18 @@ def create(
     call_kwargs = dict(kwargs)
     weights_label = None
     if weights is not None:
-        weights_label = _weights_label(canonical, weights)
-        if canonical.startswith(factories.TORCHVISION):
+        from modelkeep import pretrained
+
+        registered_only = pretrained.registered_only(canonical, weights)
+        weights_label = str(weights) if registered_only else _weights_label(canonical, weights)
+        if canonical.startswith(factories.TORCHVISION) and not registered_only:
             call_kwargs["weights"] = weights_label
         model = rebuild.construct(
             lambda: factories.call(canonical, builder, call_kwargs), expected=None, what=canonical
         )
-        from modelkeep import pretrained
-
+        short = weights_label if registered_only else weights_label.rsplit(".", 1)[-1]
         spec = pretrained.load_named_weights(
-            model, factory=canonical, weights=weights_label.rsplit(".", 1)[-1], path=weights_file,
-            storage_options=storage_options,
+            model, factory=canonical, weights=short, path=weights_file, storage_options=storage_options,
         )
         left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
         if left:
@@ -106,8 +107,7 @@ def create(
                 item=canonical,
                 fix="the weights do not match this architecture",
             )
-        if spec is not None:
-            object.__setattr__(model, INFERENCE_ATTR, spec)
+        spec_module.attach(model, spec or None)  # {}: the weights record no spec
     else:
         model = factories.call(canonical, builder, call_kwargs)
     try:
@@ -169,7 +169,7 @@ def _factory_recipe(model: torch.nn.Module, factory: Any) -> dict[str, Any] | No
     if factory is None:
         return getattr(model, RECIPE_ATTR, None)
     if isinstance(factory, str):
-        return {"factory": factories.canonical_name(factory), "kwargs": {}}
+        return {"factory": names.parse(factory).qualified, "kwargs": {}}
     if (
         isinstance(factory, Mapping)
         and isinstance(factory.get("factory"), str)
@@ -181,7 +181,7 @@ def _factory_recipe(model: torch.nn.Module, factory: Any) -> dict[str, Any] | No
         if "weights_backbone" in raw:
             raw["weights_backbone"] = factories.weights_name(raw["weights_backbone"])
         return {
-            "factory": factories.canonical_name(factory["factory"]),
+            "factory": names.parse(factory["factory"]).qualified,
             "kwargs": {k: records.encode_value(v, item=f"kwargs.{k}") for k, v in raw.items()},
         }
     raise errors.ArchitectureError(
@@ -282,24 +282,18 @@ def _plan(
     return record, model.state_dict(), extras
 
 
-def _inference_value(inference: Any) -> Any:
-    if inference is None:
-        return None
-    if hasattr(inference, "to_json"):
+def _inference_spec(inference: Any) -> spec_module.InferenceSpec | None:
+    """The InferenceSpec of what a caller passes as ``inference=`` (a spec, its JSON dict, or an
+    object with ``to_json()``)."""
+    if inference is not None and not isinstance(inference, (spec_module.InferenceSpec, Mapping)):
+        if not hasattr(inference, "to_json"):
+            raise errors.UnsupportedValueError(
+                f"inference spec must be an InferenceSpec or its dict, not {type(inference).__name__}",
+                item="inference",
+                fix="pass modelkeep.InferenceSpec(...) or its to_json() dict",
+            )
         inference = inference.to_json()
-    if not isinstance(inference, Mapping):
-        raise errors.UnsupportedValueError(
-            f"inference spec must be a dict or have .to_json(), not {type(inference).__name__}",
-            item="inference",
-            fix="pass a JSON-able dict",
-        )
-    try:
-        format.dumps(inference)
-    except (TypeError, ValueError) as e:
-        raise errors.UnsupportedValueError(
-            f"inference spec is not JSON-able: {e}", item="inference", fix="use numbers, strings, lists and dicts"
-        ) from e
-    return dict(inference)
+    return spec_module.coerce(inference)
 
 
 def save(
@@ -349,9 +343,9 @@ def save(
     header = weights.check_user_metadata(metadata)
     header.update(weights.modelkeep_metadata("model", aliases))
     header[format.KEY_ARCHITECTURE] = format.dumps(record)
-    spec = _inference_value(inference if inference is not None else getattr(model, INFERENCE_ATTR, None))
+    spec = _inference_spec(inference) if inference is not None else spec_module.attached(model)
     if spec is not None:
-        header[format.KEY_INFERENCE] = format.dumps(spec)
+        header[format.KEY_INFERENCE] = spec_module.encode(spec)
     store, where = storage.resolve(path, storage_options)
     return store.write_tensor_file(where, stored + extras, header)
 
@@ -423,9 +417,7 @@ def load(
     rebuild.fill(model, source, extras, device=device, mmap=mmap)
     if record.get("strategy") == "factory":  # so that a loaded model saves again without hints
         object.__setattr__(model, RECIPE_ATTR, {"factory": record["factory"], "kwargs": record["kwargs"]})
-    spec = _inference_of(header)
-    if spec is not None:
-        object.__setattr__(model, INFERENCE_ATTR, spec)
+    spec_module.attach(model, spec_module.from_header(header))
     return model
 
 

@@ -26,6 +26,7 @@ from modelkeep import api, download, errors, reading
 from modelkeep import sniff as sniffing
 from modelkeep import storage
 from modelkeep.sources import torchsave
+from modelkeep.arch import names
 
 CACHE_ENV = "MODELKEEP_CACHE"
 MIRROR_ENV = "MODELKEEP_WEIGHTS_MIRROR"
@@ -72,13 +73,6 @@ class WeightsEntry:
 _REGISTRY: dict[tuple[str, str], WeightsEntry] = {}
 
 
-def normalize_factory(factory: str) -> str:
-    """``"torchvision:vgg16"`` and ``"torchvision.models.vgg16"`` name the same builder."""
-    if factory.startswith("torchvision:"):
-        return "torchvision.models." + factory.split(":", 1)[1]
-    return factory
-
-
 def register_weights(
     factory: str,
     name: str,
@@ -91,12 +85,27 @@ def register_weights(
 
     Name the file ``<anything>-<sha256 prefix>.<ext>`` to have its hash checked, as torch.hub does.
     ``inference`` (an InferenceSpec or its dict) is recorded with models built from it.
+
+    Args:
+        factory: the builder, in any spelling ``modelkeep.arch.names.parse`` accepts (entries are
+            keyed on the qualified name, as ``create`` looks them up).
+        name: the weights' name, as passed to ``create(factory, weights=name)``.
+        url: where the checkpoint is downloaded from.
+        inference: an InferenceSpec or its JSON dict, or None.
+        kwargs: constructor arguments the weights need (``num_classes``, ...).
+
+    Returns:
+        The registered entry.
+
+    Raises:
+        ArchitectureError: for a factory name no spelling fits.
+        UnsupportedValueError: for an invalid inference spec.
     """
     from modelkeep.inference import spec as spec_module
 
     spec = spec_module.coerce(inference)
     entry = WeightsEntry(
-        normalize_factory(factory),
+        names.parse(factory).qualified,
         name,
         url,
         spec.to_json() if spec is not None else None,
@@ -106,14 +115,29 @@ def register_weights(
     return entry
 
 
-def _torchvision_builder_name(factory: str) -> str | None:
-    prefix = "torchvision.models."
-    if not factory.startswith(prefix):
-        return None
-    parts = factory[len(prefix) :].split(".")
-    if len(parts) == 2 and parts[0] == "quantization":
-        return "quantized_" + parts[1]
-    return parts[-1]
+def registered_only(factory: str, weights: Any) -> bool:
+    """Whether ``weights`` were registered for ``factory`` under a name torchvision's own weights
+    enum lacks (so a torchvision builder must not be passed ``weights=``).
+
+    Args:
+        factory: the builder's name, in any spelling ``names.parse`` accepts.
+        weights: the weights' name.
+
+    Returns:
+        True for a registered name that is not also a torchvision weights name.
+    """
+    parsed = names.parse(factory)
+    if not isinstance(weights, str) or (parsed.qualified, weights) not in _REGISTRY:
+        return False
+    if parsed.namespace != "torchvision":
+        return True
+    import torchvision
+
+    try:
+        torchvision.models.get_model_weights(parsed.name).verify(weights)
+    except (KeyError, ValueError, TypeError):
+        return True
+    return False
 
 
 def _torchvision_kwargs(builder: str, weights: Any) -> dict[str, Any]:
@@ -135,10 +159,11 @@ def resolve(factory: str, weights: str) -> WeightsEntry:
     ``weights`` may be a name (``"IMAGENET1K_V1"``), ``"DEFAULT"``, or the enum's full name
     (``"VGG16_Weights.IMAGENET1K_V1"``).
     """
-    factory = normalize_factory(factory)
+    parsed = names.parse(factory)
+    factory = parsed.qualified
     if (factory, weights) in _REGISTRY:
         return _REGISTRY[(factory, weights)]
-    builder = _torchvision_builder_name(factory)
+    builder = parsed.name if parsed.namespace == "torchvision" else None
     if builder is None:
         known = sorted(f"{f}:{n}" for f, n in _REGISTRY)
         raise errors.ArchitectureError(
@@ -161,11 +186,11 @@ def resolve(factory: str, weights: str) -> WeightsEntry:
     try:
         member = enum[short]
     except KeyError as e:
-        names = ", ".join(["DEFAULT", *(m.name for m in enum)])
+        known = ", ".join(["DEFAULT", *(m.name for m in enum)])
         raise errors.ArchitectureError(
             f"{enum.__name__} has no weights named {weights!r}",
             item=f"{factory}:{weights}",
-            fix=f"use one of {names}",
+            fix=f"use one of {known}",
         ) from e
     from modelkeep.inference import spec as spec_module
 

@@ -14,11 +14,10 @@ from typing import Any, Mapping
 
 import torch
 
-from modelkeep import engine, errors, format
+from modelkeep import conventions, engine, errors, format, statetree
 from modelkeep._version import __version__
 from modelkeep.sources.base import TensorSource
 
-WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DataParallel/DDP and torch.compile
 
 
 # --------------------------------------------------------------------------------------------
@@ -61,35 +60,26 @@ def state_dict_of(model_or_state_dict: Any) -> dict[str, torch.Tensor]:
     return checked
 
 
-def _alias_key(tensor: torch.Tensor) -> tuple[Any, ...] | None:
-    """Identity of a tensor's exact view of memory; None where memory identity means nothing."""
-    if tensor.numel() == 0:
-        return None
-    return (
-        tensor.device,
-        tensor.untyped_storage().data_ptr(),
-        tensor.storage_offset(),
-        tuple(tensor.shape),
-        tuple(tensor.stride()),
-        tensor.dtype,
-        tensor.is_conj(),  # x and x.conj() share memory but not values
-        tensor.is_neg(),
-    )
-
-
 def split_aliases(
     state: Mapping[str, torch.Tensor],
 ) -> tuple[list[tuple[str, torch.Tensor]], dict[str, str]]:
     """Tensors to store, and ``{alias: stored name}`` for names that are the same view of memory.
 
     safetensors refuses shared tensors; tied embeddings are the common case, so they are stored
-    once under their first name.
+    once under their first name. "The same view" is ``statetree.identity_key``, the rule the
+    checkpoint writer uses too.
+
+    Args:
+        state: ``{name: tensor}`` in the order to store.
+
+    Returns:
+        ``(name, tensor)`` pairs to store, and ``{alias: stored name}``.
     """
     stored: list[tuple[str, torch.Tensor]] = []
     aliases: dict[str, str] = {}
     first_name: dict[tuple[Any, ...], str] = {}
     for name, tensor in state.items():
-        key = _alias_key(tensor)
+        key = statetree.identity_key(tensor)
         if key is not None and key in first_name:
             aliases[name] = first_name[key]
             continue
@@ -182,25 +172,14 @@ class LoadReport:
         return text
 
 
-def _strip_wrappers(name: str) -> str:
-    changed = True
-    while changed:
-        changed = False
-        for prefix in WRAPPER_PREFIXES:
-            if name.startswith(prefix):
-                name = name[len(prefix) :]
-                changed = True
-    return name
-
-
 def _wrapper_prefix_map(model_names: list[str], file_names: list[str]) -> dict[str, str] | None:
     """``{file name: model name}`` when the two sides differ only by DDP/compile prefixes."""
     if set(model_names) & set(file_names):
         return None
-    model_by_core = {_strip_wrappers(name): name for name in model_names}
+    model_by_core = {conventions.strip_wrapper_prefixes(name): name for name in model_names}
     mapping = {}
     for name in file_names:
-        core = _strip_wrappers(name)
+        core = conventions.strip_wrapper_prefixes(name)
         if core in model_by_core:
             mapping[name] = model_by_core[core]
     return mapping if mapping else None

@@ -29,12 +29,11 @@ from typing import Any, Callable, Iterable, Iterator
 import torch
 
 from modelkeep import errors
-from modelkeep.arch import records
+from modelkeep.arch import names, records
 
-TORCHVISION = "torchvision.models."
-TIMM = "timm."
-FAMILIES = ("detection", "segmentation", "video", "optical_flow", "quantization")
-SHORT_PREFIXES = {"torchvision:": TORCHVISION, "timm:": TIMM}
+TORCHVISION = names.TORCHVISION
+TIMM = names.TIMM
+FAMILIES = names.FAMILIES
 
 _registry: dict[str, Callable[..., torch.nn.Module]] = {}
 _registry_lock = threading.Lock()
@@ -70,7 +69,7 @@ def register_factory(
             f"cannot register {type(fn).__name__}: not callable", fix="register a function or class"
         )
     key = name or f"{fn.__module__}.{fn.__qualname__}"
-    if not records.DOTTED_NAME.fullmatch(key) or key.startswith((TORCHVISION, TIMM)):
+    if not isinstance(key, str) or not records.DOTTED_NAME.fullmatch(key) or names.parse(key).namespace != "python":
         raise errors.ArchitectureError(
             "factory names are dotted Python identifiers outside torchvision.models./timm.",
             item=key,
@@ -102,34 +101,18 @@ def registered() -> list[str]:
 # torchvision
 
 
-@functools.lru_cache(maxsize=1)
-def _torchvision_index() -> tuple[dict[str, str], dict[str, str]]:
-    """``{canonical name: torchvision registry name}`` and the reverse, for every builder."""
-    from torchvision import models
-
-    by_canonical: dict[str, str] = {}
-    for registry_name in models.list_models():
-        builder = models.get_model_builder(registry_name)
-        parts = builder.__module__.split(".")
-        family = parts[2] if len(parts) > 3 and parts[2] in FAMILIES else None
-        canonical = TORCHVISION + (f"{family}." if family else "") + builder.__name__
-        by_canonical[canonical] = registry_name
-    return by_canonical, {v: k for k, v in by_canonical.items()}
-
-
 def torchvision_registry_name(name: str) -> str | None:
     """torchvision's own name (``get_model`` / ``get_model_weights``) of a canonical builder name."""
-    return _torchvision_index()[0].get(name)
+    return names.torchvision_index()[0].get(name)
 
 
 def torchvision_names() -> list[str]:
     """Canonical names of every torchvision builder, e.g. ``torchvision.models.vgg16``."""
-    return sorted(_torchvision_index()[0])
+    return sorted(names.torchvision_index()[0])
 
 
 def _torchvision_builder(name: str, path: str | None) -> Callable[..., torch.nn.Module]:
-    by_canonical, _ = _torchvision_index()
-    registry_name = by_canonical.get(name)
+    registry_name = names.torchvision_index()[0].get(name)
     if registry_name is None:
         model_class = _torchvision_class(name)
         if model_class is not None:
@@ -221,24 +204,6 @@ def weights_name(value: Any) -> Any:
 # Resolution
 
 
-def canonical_name(name: str) -> str:
-    """``torchvision:vgg16`` -> ``torchvision.models.vgg16``; ``timm:resnet18`` -> ``timm.resnet18``;
-    torchvision registry names of other families get their family (``torchvision.models.detection.
-    fasterrcnn_resnet50_fpn``). Other names are returned as they are."""
-    if not isinstance(name, str):
-        raise errors.ArchitectureError(f"factory name must be a string, not {type(name).__name__}")
-    for short, long in SHORT_PREFIXES.items():
-        if name.startswith(short):
-            name = long + name[len(short) :]
-            break
-    if name.startswith(TORCHVISION):
-        by_canonical, by_registry = _torchvision_index()
-        rest = name[len(TORCHVISION) :]
-        if name not in by_canonical and rest in by_registry:
-            return by_registry[rest]
-    return name
-
-
 def _is_trusted(name: str, trust: Iterable[str]) -> bool:
     return any(name == t or name.startswith(t + ".") for t in trust)
 
@@ -260,18 +225,30 @@ def check_trust_names(trust: Iterable[str]) -> tuple[str, ...]:
 def resolve(
     name: str, *, trust: Iterable[str] = (), path: str | None = None
 ) -> Callable[..., torch.nn.Module]:
-    """The builder a record names, or an UnsafeContentError before anything untrusted is imported."""
-    if not isinstance(name, str) or not (
-        records.DOTTED_NAME.fullmatch(name) or (name.startswith(TIMM) and _timm_name_ok(name))
-    ):
-        raise records.bad_record(path, f"factory name {name!r} is not a dotted name", "factory")
+    """The builder a name (any spelling ``names.parse`` accepts) stands for.
+
+    Args:
+        name: the factory name, from a caller or a file.
+        trust: module names whose functions may be called.
+        path: the file the name came from, for error messages.
+
+    Returns:
+        The builder (not called).
+
+    Raises:
+        UnsafeContentError: for a name outside every trusted namespace, before anything is imported.
+        ArchitectureError: for a trusted name that does not exist.
+        FormatError: for a name from a file that is not a factory name at all.
+    """
+    parsed = names.parse(name, path=path)
+    name = parsed.qualified
     with _registry_lock:
         builder = _registry.get(name)
     if builder is not None:
         return builder
-    if name.startswith(TORCHVISION):
+    if parsed.namespace == "torchvision":
         return _torchvision_builder(name, path)
-    if name.startswith(TIMM):
+    if parsed.namespace == "timm":
         return _timm_builder(name, path)
     trust = check_trust_names(trust)
     if not _is_trusted(name, trust):
@@ -295,11 +272,6 @@ def resolve(
             f"{module_name!r} has no callable {attr!r}", path=path, item=name, fix="check the name"
         )
     return builder
-
-
-def _timm_name_ok(name: str) -> bool:
-    rest = name[len(TIMM) :]
-    return bool(rest) and all(c.isalnum() or c in "_.-" for c in rest)
 
 
 def timm_available() -> bool:

@@ -1,11 +1,13 @@
 """The JSON schema of architecture records and of the values inside them.
 
-A record is ``{"version": 1, "strategy": ..., ...}``. Constructor arguments are plain JSON where JSON
-can say it, and a one-key tagged object where it cannot, so that a tuple stays a tuple (``(3, 3)``
-and ``[3, 3]`` build different layers in places) and infinities survive::
+A record is ``{"version": 1, "strategy": ..., ...}``. Constructor arguments are stored in the one
+tagged-JSON codec of ``modelkeep.statetree``: plain JSON where JSON can say it, and a one-key tagged
+object where it cannot, so that a tuple stays a tuple (``(3, 3)`` and ``[3, 3]`` build different
+layers in places) and infinities survive::
 
     (3, 3)            -> {"$tuple": [3, 3]}
-    {"a": 1}          -> {"$dict": {"a": 1}}
+    {"a": 1}          -> {"a": 1}                (older records said {"$dict": {"a": 1}}; both
+                                                  read)
     float("inf")      -> {"$float": "inf"}
     torch.float16     -> {"$dtype": "float16"}
     nn.Linear(2, 3)   -> {"$module": {...}}      (modules strategy only)
@@ -16,13 +18,12 @@ names the file and the item, never a crash.
 
 from __future__ import annotations
 
-import math
 import re
 from typing import Any, Callable, Mapping
 
 import torch
 
-from modelkeep import errors
+from modelkeep import errors, statetree
 
 VERSION = 1
 STRATEGIES = ("factory", "modules", "graph")
@@ -31,22 +32,27 @@ EXTRA_PREFIX = "modelkeep."  # names of stored tensors that are not state-dict e
 # Attribute paths that may reach code generation (torch.fx) must be plain: identifiers or indices.
 FQN_PATTERN = re.compile(r"[A-Za-z0-9_]+(?:\.[A-Za-z0-9_]+)*")
 DOTTED_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*")
-
-_DTYPES: dict[str, torch.dtype] = {
-    name: value
-    for name in (
-        "float16", "bfloat16", "float32", "float64", "int8", "int16", "int32", "int64",
-        "uint8", "bool", "complex64", "complex128",
-    )
-    if isinstance(value := getattr(torch, name), torch.dtype)
-}
-_DTYPE_NAMES = {value: name for name, value in _DTYPES.items()}
-_SPECIAL_FLOATS = {"inf": math.inf, "-inf": -math.inf, "nan": math.nan}
-TAGS = ("$tuple", "$dict", "$float", "$dtype", "$module")
+TAGS = (*statetree.PLAIN_TAGS, "$module")
 
 
 # --------------------------------------------------------------------------------------------
 # Values
+
+
+def _unrecordable(item: str) -> Callable[[str, str], errors.ArchitectureError]:
+    def fail(where: str, what: str) -> errors.ArchitectureError:
+        return errors.ArchitectureError(
+            f"cannot record as JSON: {what}",
+            item=_item(item, where),
+            fix="pass only numbers, strings, booleans, None, lists, tuples and dicts of them; "
+            "or save with strategy='graph' and example_inputs",
+        )
+
+    return fail
+
+
+def _item(item: str, where: str) -> str:
+    return f"{item}/{where}" if where else item
 
 
 def encode_value(
@@ -56,73 +62,58 @@ def encode_value(
     module: Callable[[torch.nn.Module, str], Any] | None = None,
     depth: int = 0,
 ) -> Any:
-    """The JSON form of a constructor argument, or an ArchitectureError naming ``item``."""
-    if depth > MAX_DEPTH:
-        raise errors.ArchitectureError("value is nested too deeply to record", item=item)
-    if value is None or isinstance(value, (bool, str)):
-        return value
-    if isinstance(value, int):
-        return int(value)
-    if isinstance(value, float):
-        if math.isfinite(value):
-            return value
-        return {"$float": "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")}
-    if isinstance(value, torch.dtype) and value in _DTYPE_NAMES:
-        return {"$dtype": _DTYPE_NAMES[value]}
-    if isinstance(value, (tuple, torch.Size)):
-        return {"$tuple": [encode_value(v, item=item, module=module, depth=depth + 1) for v in value]}
-    if isinstance(value, list):
-        return [encode_value(v, item=item, module=module, depth=depth + 1) for v in value]
-    if isinstance(value, Mapping) and all(isinstance(k, str) for k in value):
-        return {
-            "$dict": {
-                k: encode_value(v, item=f"{item}.{k}", module=module, depth=depth + 1)
-                for k, v in value.items()
-            }
-        }
-    if isinstance(value, torch.nn.Module) and module is not None:
-        return {"$module": module(value, item)}
-    raise errors.ArchitectureError(
-        f"a value of type {type(value).__name__} cannot be recorded as JSON",
-        item=item,
-        fix="pass only numbers, strings, booleans, None, lists, tuples and dicts of them; "
-        "or save with strategy='graph' and example_inputs",
-    )
+    """The JSON form of a constructor argument, in the shared codec (``modelkeep.statetree``).
+
+    Args:
+        value: the argument (plain values, and modules when ``module`` is given).
+        item: the argument's name, for error messages.
+        module: records a nested module (the modules strategy); ``{"$module": ...}`` holds it.
+        depth: nesting already used above ``value``.
+
+    Returns:
+        A JSON-ready tree.
+
+    Raises:
+        ArchitectureError: naming ``item`` for a value that cannot be recorded.
+    """
+    def hook(inner: Any, where: str, _: statetree.EncodeChild) -> Any:
+        if module is not None and isinstance(inner, torch.nn.Module):
+            return {"$module": module(inner, _item(item, where))}
+        return statetree.NOT_HANDLED
+
+    return statetree.encode(value, fail=_unrecordable(item), hook=hook, max_depth=MAX_DEPTH - depth)
 
 
 def decode_value(
     value: Any,
     *,
-    path: str,
+    path: str | None,
     item: str,
     module: Callable[[Any, str], torch.nn.Module] | None = None,
     depth: int = 0,
 ) -> Any:
-    """The Python value of an encoded argument; a FormatError for anything not written by
-    ``encode_value``."""
-    if depth > MAX_DEPTH:
-        raise bad_record(path, "value is nested too deeply", item)
-    if value is None or isinstance(value, (bool, str, int, float)):
-        return value
-    if isinstance(value, list):
-        return [decode_value(v, path=path, item=item, module=module, depth=depth + 1) for v in value]
-    if not isinstance(value, dict) or len(value) != 1:
-        raise bad_record(path, "value must be JSON scalar, list or a one-key tagged object", item)
-    tag, inner = next(iter(value.items()))
-    if tag == "$tuple" and isinstance(inner, list):
-        return tuple(decode_value(v, path=path, item=item, module=module, depth=depth + 1) for v in inner)
-    if tag == "$dict" and isinstance(inner, dict):
-        return {
-            k: decode_value(v, path=path, item=f"{item}.{k}", module=module, depth=depth + 1)
-            for k, v in inner.items()
-        }
-    if tag == "$float" and inner in _SPECIAL_FLOATS:
-        return _SPECIAL_FLOATS[inner]
-    if tag == "$dtype" and inner in _DTYPES:
-        return _DTYPES[inner]
-    if tag == "$module" and module is not None:
-        return module(inner, item)
-    raise bad_record(path, f"unknown or misplaced value tag {tag!r}", item)
+    """The Python value of an encoded argument.
+
+    Args:
+        value: parsed JSON from a record (written by ``encode_value`` of this or an older version).
+        path: the file, for error messages.
+        item: the argument's name, for error messages.
+        module: rebuilds a ``$module`` node (the modules strategy); without it the tag is refused.
+        depth: nesting already used above ``value``.
+
+    Returns:
+        The argument's value.
+
+    Raises:
+        FormatError: for anything ``encode_value`` does not write.
+    """
+    def fail(where: str, what: str) -> errors.FormatError:
+        return bad_record(path, f"value {what}", _item(item, where))
+
+    hooks: dict[str, statetree.DecodeHook] = {}
+    if module is not None:
+        hooks["$module"] = lambda node, where, _: module(node["$module"], _item(item, where))
+    return statetree.decode(value, fail=fail, hooks=hooks, max_depth=MAX_DEPTH - depth)
 
 
 # --------------------------------------------------------------------------------------------

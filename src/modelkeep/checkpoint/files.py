@@ -14,7 +14,7 @@ from typing import Any, Mapping
 
 import torch
 
-from modelkeep import api, errors, format, storage, weights
+from modelkeep import api, conventions, errors, format, storage, weights
 from modelkeep.sources import checkpoint as checkpoint_source
 from modelkeep.sources import state_tree as tree
 
@@ -127,14 +127,8 @@ def extract_weights(
 # --------------------------------------------------------------------------------------------
 # Importing torch.save training checkpoints
 
-_ROLE_KEYS = {
-    "model": ("model_state_dict", "state_dict", "model", "model_state", "net", "network"),
-    "optimizer": ("optimizer_state_dict", "optimizer", "optim", "optimizer_state", "optimizer_states"),
-    "scheduler": ("scheduler_state_dict", "scheduler", "lr_scheduler", "lr_scheduler_state_dict",
-                  "lr_schedulers"),
-    "scaler": ("scaler_state_dict", "scaler", "grad_scaler", "amp_scaler"),
-}
-_STEP_KEYS = ("step", "global_step", "iteration", "epoch")
+_ROLE_KEYS = conventions.ROLE_KEYS
+_STEP_KEYS = conventions.STEP_KEYS
 
 
 def _is_state_dict(value: Any) -> bool:

@@ -8,12 +8,12 @@ from typing import Any, Sequence
 
 import torch
 
-from modelkeep import errors
+from modelkeep import conventions, errors
 from modelkeep.legacy import loader, statedict, trusted
 from modelkeep.legacy.policy import REFS, VALUES
 from modelkeep.options import DEFAULT_READ_OPTIONS, ReadOptions
 
-MODULE_KEYS = ("model", "module", "net", "network", "ema", "model_ema")
+MODULE_KEYS = conventions.MODEL_KEYS  # one list for every reader (modelkeep.conventions)
 
 
 def _contents(path: str | os.PathLike[str], mode: str, options: ReadOptions) -> loader.Contents:
@@ -100,7 +100,8 @@ def read_module(
 ) -> torch.nn.Module:
     """The whole ``nn.Module`` pickled in a torch.save file (``torch.save(model, path)``), rebuilt
     from trusted classes only and left in the training mode it was saved in. A checkpoint that
-    holds the module under ``model``/``module``/``net``/``ema`` works too."""
+    holds the module under one of ``conventions.MODEL_KEYS`` (``model``, ``module``, ``net``,
+    ``ema``, ...) works too."""
     value = read(path, options=dataclasses.replace(options, on_unknown="error"))
     if isinstance(value, torch.nn.Module):
         return value

@@ -15,24 +15,12 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 
-from modelkeep import engine, errors, format
+from modelkeep import conventions, engine, errors, format
 from modelkeep.legacy import tensors
 from modelkeep.legacy.loader import Contents
 from modelkeep.legacy.records import Placeholder
 
-STATE_DICT_KEYS = (
-    "state_dict",
-    "model_state_dict",
-    "model",
-    "module",
-    "net",
-    "network",
-    "ema",
-    "model_ema",
-    "state_dict_ema",
-    "weights",
-    "params",
-)
+STATE_DICT_KEYS = conventions.MODEL_KEYS  # one list for every reader (modelkeep.conventions)
 TensorLike = (tensors.TensorRef, tensors.DeferredTensor, torch.Tensor)
 MAX_ENTRIES = 10_000_000
 
