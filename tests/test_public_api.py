@@ -23,17 +23,6 @@ INCLUDED_SPECIAL_MEMBERS = {"__version__", "errors"}
 
 # The lead is rewriting the signatures of these modules' functions; their Args/Returns/Raises
 # docstrings come with that change. Remove a module from here once its docstrings are written.
-DOCSTRINGS_PENDING = {
-    "modelkeep.api",
-    "modelkeep.models",
-    "modelkeep.reading",
-    "modelkeep.inspection",
-    "modelkeep.conversion",
-    "modelkeep.comparison",
-    "modelkeep.scanning",
-}
-
-
 def public_names(module: types.ModuleType) -> set[str]:
     """Names a user sees in ``module``: not private and not one of its submodules."""
     return {
@@ -121,12 +110,7 @@ def exported_functions() -> list[object]:
         value = getattr(modelkeep, name)
         if not inspect.isfunction(value):
             continue
-        marks = []
-        if value.__module__ in DOCSTRINGS_PENDING:
-            marks = [pytest.mark.xfail(
-                strict=False,
-                reason="docstrings of api/models/reading/inspection/convert/diff/scan pending")]
-        params.append(pytest.param(name, id=name, marks=marks))
+        params.append(pytest.param(name, id=name))
     return params
 
 

@@ -58,10 +58,10 @@ def test_identity_key_is_none_where_memory_means_nothing() -> None:
 
 
 def test_weights_and_checkpoints_share_one_identity_rule() -> None:
-    from modelkeep import api
+    from modelkeep import weights
 
     z = torch.randn(3, dtype=torch.complex64)
-    stored, aliases = api.split_aliases({"a": z, "b": z.conj(), "c": z})
+    stored, aliases = weights.split_aliases({"a": z, "b": z.conj(), "c": z})
     assert [name for name, _ in stored] == ["a", "b"] and aliases == {"c": "a"}
     encoded = tree.encode({"a": z, "b": z.conj(), "c": z})
     assert [name for name, _ in encoded.tensors] == ["a", "b"]
