@@ -25,6 +25,7 @@ from hypothesis import strategies as st
 import modelkeep as mk
 from modelkeep import engine, format, storage, weights
 from modelkeep.checkpoint import files
+from modelkeep.sources import ranges
 from modelkeep.sources import state_tree as tree
 
 # ------------------------------------------------------------------------------------------
@@ -271,7 +272,7 @@ def test_storage_contract(location: str, tmp_path: Path) -> None:
     assert store.list_names(folder) == ["x.safetensors"]
     header = store.read_header(path)
     assert header.metadata["k"] == "v" and list(header.entries) == ["a", "b"]
-    read = store.read_tensors(path, header.entries.values())
+    read = ranges.read_tensors(store, path, list(header.entries.values()))
     assert torch.equal(read["a"], tensors[0][1]) and torch.equal(read["b"], tensors[1][1])
     reference = tmp_path / "reference.safetensors"  # every backend writes the same bytes
     assert storage.LocalStorage().write_tensor_file(str(reference), tensors, {"k": "v"}) == digests
