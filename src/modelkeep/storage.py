@@ -161,12 +161,6 @@ class Storage(abc.ABC):
         with errors.map_os_errors(path, "reading"), self.open_read(path) as stream:
             return stream.read(nbytes)
 
-    def read_tensors(self, path: str, entries: Sequence[format.TensorEntry]) -> dict[str, torch.Tensor]:
-        """New CPU tensors holding the given entries' bytes (see ``modelkeep.sources``)."""
-        from modelkeep.sources import ranges  # layer 3 helper over these primitives
-
-        return ranges.read_tensors(self, path, list(entries))
-
     def write_tensor_file(
         self, path: str, tensors: Sequence[tuple[str, torch.Tensor]], metadata: dict[str, str],
         *, with_hashes: bool = True,
