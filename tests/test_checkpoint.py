@@ -23,7 +23,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import modelkeep as mk
-from modelkeep import api, engine, format, storage
+from modelkeep import api, atomic, format, storage
+from modelkeep.io import buffers
 from modelkeep.checkpoint import files, tree
 
 # ------------------------------------------------------------------------------------------
@@ -55,7 +56,7 @@ def round_trip(value: Any) -> Any:
     """encode -> JSON text -> decode, as a file would do it."""
     encoded = tree.encode(value)
     text = format.dumps(encoded.tree)
-    tensors = {name: engine.cpu_contiguous(t).clone() for name, t in encoded.tensors}
+    tensors = {name: buffers.cpu_contiguous(t).clone() for name, t in encoded.tensors}
     return tree.decode(json.loads(text), tensors, path="memory")
 
 
@@ -63,7 +64,7 @@ def write_checkpoint(path: Path, state_json: Any, tensors: dict[str, torch.Tenso
                      raw: str | None = None) -> None:
     metadata = api.modelkeep_metadata("checkpoint", {})
     metadata[format.KEY_STATE] = raw if raw is not None else json.dumps(state_json)
-    engine.write_file(str(path), list((tensors or {}).items()), metadata)
+    atomic.write_file(str(path), list((tensors or {}).items()), metadata)
 
 
 # ------------------------------------------------------------------------------------------

@@ -163,10 +163,10 @@ def test_safetensors_files_keep_their_path(tmp_path, monkeypatch):
 def test_checkpoint_files_go_to_the_checkpoint_reader(tmp_path, monkeypatch):
     path = str(tmp_path / "c.safetensors")
     metadata = {format.KEY_STATE: format.dumps({"w": {"tensor": "w"}})}
-    from modelkeep import engine
+    from modelkeep import atomic
 
     base = {format.KEY_FORMAT: format.dumps("1"), format.KEY_KIND: format.dumps("checkpoint")}
-    engine.write_file(path, [("w", torch.ones(2))], {**base, **metadata})
+    atomic.write_file(path, [("w", torch.ones(2))], {**base, **metadata})
     calls = []
     monkeypatch.setattr(reading, "_checkpoint_reader", lambda: lambda p, h: calls.append((p, h.kind)) or "state")
     assert mk.read(path) == "state" and calls == [(path, "checkpoint")]

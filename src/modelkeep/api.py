@@ -15,7 +15,9 @@ from typing import Any, Iterable, Mapping
 
 import torch
 
-from modelkeep import engine, errors, format, reading
+from modelkeep import atomic, errors, format, reading
+from modelkeep.io import buffers
+from modelkeep.io import tensors as tensor_io
 from modelkeep import sniff as sniffing
 from modelkeep._version import __version__
 
@@ -161,7 +163,7 @@ def modelkeep_metadata(kind: str, aliases: Mapping[str, str]) -> dict[str, str]:
     return metadata
 
 
-@engine.gc_paused()  # see load_weights
+@buffers.gc_paused()  # see load_weights
 def save_weights(
     model_or_state_dict: torch.nn.Module | Mapping[str, torch.Tensor],
     path: str | os.PathLike[str],
@@ -177,7 +179,7 @@ def save_weights(
     stored, aliases = split_aliases(state)
     header_metadata = check_user_metadata(metadata)
     header_metadata.update(modelkeep_metadata("weights", aliases))
-    return engine.write_file(path, stored, header_metadata)
+    return atomic.write_file(path, stored, header_metadata)
 
 
 # --------------------------------------------------------------------------------------------
@@ -303,7 +305,7 @@ def _materialize(
             continue
         new = replaced.get(id(tensor))
         if new is None:
-            data = engine.allocate(tensor.shape, tensor.dtype, stride=tensor.stride(), device=device)
+            data = buffers.allocate(tensor.shape, tensor.dtype, stride=tensor.stride(), device=device)
             if isinstance(tensor, torch.nn.Parameter):
                 new = torch.nn.Parameter(data, requires_grad=tensor.requires_grad)
             else:
@@ -351,7 +353,7 @@ def _mismatch_error(path: str, report: LoadReport, file_names: list[str]) -> err
     )
 
 
-@engine.gc_paused()  # ~10^5 short-lived objects for a 20,000-tensor model: see engine.gc_paused
+@buffers.gc_paused()  # ~10^5 short-lived objects for a 20,000-tensor model: see buffers.gc_paused
 def load_weights(
     model: torch.nn.Module,
     path: str | os.PathLike[str],
@@ -439,7 +441,7 @@ def load_weights(
             seen.add(id(tensor))
             pairs.append((entry, tensor))  # the engine writes bytes only, never autograd history
     with torch.no_grad():
-        report.bytes_read = source.read_into(pairs, threads=threads)  # safetensors: engine.read_into
+        report.bytes_read = source.read_into(pairs, threads=threads)  # safetensors: tensor_io.read_into
     if eval_mode:
         model.eval()
     report.seconds = time.perf_counter() - started

@@ -15,7 +15,7 @@ from typing import Mapping
 
 import torch
 
-from modelkeep import api, engine, errors
+from modelkeep import api, atomic, errors
 from modelkeep import sniff as sniffing
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)\s*$", re.IGNORECASE)
@@ -103,7 +103,7 @@ def _write(
 ) -> str:
     metadata = dict(user)
     metadata.update(api.modelkeep_metadata("weights", aliases))
-    engine.write_file(path, stored, metadata)
+    atomic.write_file(path, stored, metadata)
     return path
 
 
@@ -141,7 +141,7 @@ def _write_shards(
         for name in [*names, *shard_aliases]:
             weight_map[name] = os.path.basename(path)
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-    with engine.atomic_file(index_path) as fd:
+    with atomic.atomic_file(index_path) as fd:
         os.write(fd, json.dumps(index, indent=2).encode("utf-8"))
     return [*paths, index_path]
 

@@ -12,7 +12,8 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from modelkeep import api, engine, format
+from modelkeep import api, format
+from modelkeep.io import tensors as tensor_io
 from modelkeep import sniff as sniffing
 
 
@@ -103,7 +104,7 @@ def open_source(path: str) -> _Source:
 
         def fetch(name: str) -> torch.Tensor:
             entry = by_name[name]
-            return engine.read_tensors(path, [entry], threads=1)[entry.name]
+            return tensor_io.read_tensors(path, [entry], threads=1)[entry.name]
 
         return _Source(
             names=list(by_name),

@@ -11,7 +11,8 @@ import dataclasses
 import os
 from typing import Any, Callable
 
-from modelkeep import api, engine, errors, format
+from modelkeep import api, errors, format, hashing
+from modelkeep.io import reads
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,22 +75,8 @@ class FileInfo:
 
 
 def _hash_record(header: format.Header) -> tuple[str | None, dict[str, str]]:
-    record = header.modelkeep_value(format.KEY_HASHES)
-    if record is None:
-        return None, {}
-    if (
-        not isinstance(record, dict)
-        or not isinstance(record.get("algorithm"), str)
-        or not isinstance(record.get("tensors"), dict)
-        or not all(isinstance(v, str) for v in record["tensors"].values())
-    ):
-        raise errors.FormatError(
-            "hash record must be {algorithm: str, tensors: {name: hex}}",
-            path=header.path,
-            item=format.KEY_HASHES,
-            fix="re-save the file with modelkeep",
-        )
-    return record["algorithm"], record["tensors"]
+    record = hashing.read_record(header, require_known=False)
+    return (None, {}) if record is None else (record.algorithm, dict(record.tensors))
 
 
 def inspect(path: str | os.PathLike[str]) -> FileInfo:
@@ -151,13 +138,7 @@ def verify(
     if algorithm is None:
         report.unhashed = list(header.entries)
         return report
-    if algorithm != engine.HASH_ALGORITHM:
-        raise errors.FormatError(
-            f"unknown hash algorithm {algorithm!r}",
-            path=path,
-            item=format.KEY_HASHES,
-            fix=f"this modelkeep verifies {engine.HASH_ALGORITHM}; upgrade modelkeep",
-        )
+    hashing.read_record(header)  # refuses an algorithm this modelkeep cannot recompute
     fd = os.open(path, os.O_RDONLY)
     try:
 
@@ -165,12 +146,12 @@ def verify(
             expected = digests.get(entry.name)
             if expected is None:
                 return entry.name, None
-            actual = engine.digest_range(fd, entry.begin, entry.end, path)
+            actual = hashing.digest_range(fd, entry.begin, entry.end, path)
             if progress is not None:
                 progress(entry.nbytes)
             return entry.name, actual == expected
 
-        with concurrent.futures.ThreadPoolExecutor(engine.io_threads()) as pool:
+        with concurrent.futures.ThreadPoolExecutor(reads.io_threads()) as pool:
             for name, matched in pool.map(check, header.entries.values()):
                 if matched is None:
                     report.unhashed.append(name)

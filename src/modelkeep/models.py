@@ -16,7 +16,7 @@ from typing import Any, Mapping
 
 import torch
 
-from modelkeep import api, engine, errors, format
+from modelkeep import api, atomic, errors, format
 from modelkeep import sniff as sniffing
 from modelkeep.arch import factories, graph, modules, rebuild, records, verify
 
@@ -305,7 +305,7 @@ def save(
     spec = _inference_value(inference if inference is not None else getattr(model, INFERENCE_ATTR, None))
     if spec is not None:
         header[format.KEY_INFERENCE] = format.dumps(spec)
-    return engine.write_file(path, stored + extras, header)
+    return atomic.write_file(path, stored + extras, header)
 
 
 # --------------------------------------------------------------------------------------------
@@ -326,7 +326,7 @@ def load(
     refused before any import. torch.save files of whole modules go through the legacy reader.
 
     By default the bytes are copied into memory the engine allocates with huge pages (see
-    ``engine.allocate``), which keeps outputs bit-identical to the saved model's. ``mmap=True``
+    ``modelkeep.io.buffers.allocate``), which keeps outputs bit-identical to the saved model's. ``mmap=True``
     (CPU) maps the file copy-on-write instead: a little faster to the first prediction, but
     tensors then sit at the file's offsets, whose alignment can change the last bits of some
     kernels' results, and the file must not be truncated in place while the model lives

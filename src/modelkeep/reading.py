@@ -3,7 +3,7 @@
 ``read`` is the safe ``torch.load``. ``open_source`` gives ``api.load_weights`` and
 ``api.load_state_dict`` one interface over every kind of file: the tensors by name (with shape
 and dtype) and a way to read them into destination tensors. For safetensors files that is the
-header and ``engine.read_into``, unchanged; for torch.save files the state dict found by
+header and ``tensor_io.read_into``, unchanged; for torch.save files the state dict found by
 ``legacy.open_weights``; for Hugging Face sharded folders the union of the shards named by the
 index.
 """
@@ -17,7 +17,8 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
-from modelkeep import engine, errors, format
+from modelkeep import errors, format
+from modelkeep.io import tensors as tensor_io
 from modelkeep import sniff as sniffing
 
 INDEX_NAMES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
@@ -48,10 +49,10 @@ class SafetensorsSource:
         return by_name
 
     def read_into(self, pairs: Sequence[tuple[Any, torch.Tensor]], *, threads: int | None = None) -> int:
-        return engine.read_into(self.path, pairs, threads=threads)
+        return tensor_io.read_into(self.path, pairs, threads=threads)
 
     def tensors(self, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
-        out = engine.read_tensors(self.path, list(self.header.entries.values()), device=device)
+        out = tensor_io.read_tensors(self.path, list(self.header.entries.values()), device=device)
         for alias, target in self.header.aliases.items():
             out[alias] = out[target]
         return out

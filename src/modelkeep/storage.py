@@ -4,7 +4,7 @@ the same small interface.
 Everything that reads or writes checkpoint files goes through a :class:`Storage`, so a test can
 hand in one that fails the way a full disk or a broken network does, and a URL works wherever a
 path does. Each write is atomic on every backend: the bytes go to a temporary name that only
-becomes the final name once complete. Locally that is ``engine.write_file`` (fsync + rename +
+becomes the final name once complete. Locally that is ``atomic.write_file`` (fsync + rename +
 folder fsync); on fsspec it is a whole-object write to a temporary key, then a move.
 """
 
@@ -15,14 +15,15 @@ import contextlib
 import errno
 import os
 import posixpath
-import secrets
 from typing import Any, Iterable, Sequence
 
 import torch
 
-from modelkeep import engine, errors, format
+from modelkeep import atomic, errors, format, hashing
+from modelkeep.io import buffers
+from modelkeep.io import tensors as tensor_io
 
-TEMP_SUFFIX = engine.TEMP_SUFFIX
+TEMP_SUFFIX = atomic.TEMP_SUFFIX
 
 
 def is_url(location: str) -> bool:
@@ -43,12 +44,8 @@ def open_storage(location: str | os.PathLike[str], **options: Any) -> tuple["Sto
 
 def temp_owner_pid(name: str) -> int | None:
     """The process id embedded in a temporary file name ``.{name}.{pid}-{hex}.mk-tmp``."""
-    if not (name.startswith(".") and name.endswith(TEMP_SUFFIX)):
-        return None
-    stem = name[: -len(TEMP_SUFFIX)]
-    _, _, tail = stem.rpartition(".")
-    pid_text = tail.split("-", 1)[0]
-    return int(pid_text) if pid_text.isdigit() else None
+    parsed = atomic.parse_temp_name(name)
+    return None if parsed is None else parsed[1]
 
 
 def storage_error(e: BaseException, path: str, action: str) -> errors.StorageError:
@@ -106,7 +103,7 @@ class Storage(abc.ABC):
         removed = []
         for name in self.list_names(folder):
             pid = temp_owner_pid(name)
-            if pid is None or engine.process_alive(pid):
+            if pid is None or atomic.process_alive(pid):
                 continue
             with contextlib.suppress(errors.StorageError):
                 self.delete(self.join(folder, name))
@@ -119,7 +116,7 @@ class Storage(abc.ABC):
 
 
 class LocalStorage(Storage):
-    """Local folders; writes go through ``engine.write_file`` (hashed, fsynced, renamed)."""
+    """Local folders; writes go through ``atomic.write_file`` (hashed, fsynced, renamed)."""
 
     def join(self, folder: str, name: str) -> str:
         return os.path.join(folder, name)
@@ -142,7 +139,7 @@ class LocalStorage(Storage):
         self, path: str, tensors: Sequence[tuple[str, torch.Tensor]], metadata: dict[str, str]
     ) -> dict[str, str]:
         try:
-            return engine.write_file(path, tensors, metadata)
+            return atomic.write_file(path, tensors, metadata)
         except errors.StorageError:
             raise
         except OSError as e:
@@ -154,12 +151,12 @@ class LocalStorage(Storage):
     def read_tensors(
         self, path: str, entries: Iterable[format.TensorEntry]
     ) -> dict[str, torch.Tensor]:
-        return engine.read_tensors(path, list(entries))
+        return tensor_io.read_tensors(path, list(entries))
 
     def delete(self, path: str) -> None:
         try:
             os.unlink(path)
-            engine.fsync_folder(os.path.dirname(path) or ".")
+            atomic.fsync_folder(os.path.dirname(path) or ".")
         except FileNotFoundError:
             return
         except OSError as e:
@@ -216,28 +213,26 @@ class FsspecStorage(Storage):
     ) -> dict[str, str]:
         # Objects cannot be rewritten in place, so digests come first (a hashing pass over
         # memory), then the header, then the bytes in one streaming write.
-        prepared = [(name, engine.cpu_contiguous(t)) for name, t in tensors]
+        prepared = [(name, buffers.cpu_contiguous(t)) for name, t in tensors]
         digests = {}
         for name, tensor in prepared:
-            hasher = engine.new_hasher()
-            hasher.update(engine.tensor_bytes(tensor))
+            hasher = hashing.new_hasher()
+            hasher.update(buffers.tensor_bytes(tensor))
             digests[name] = hasher.hexdigest()
         metadata = dict(metadata)
-        metadata[format.KEY_HASHES] = format.dumps(
-            {"algorithm": engine.HASH_ALGORITHM, "tensors": digests}
-        )
+        metadata[format.KEY_HASHES] = hashing.encode_record(digests)
         planned = [
             format.PlannedTensor(name, format.name_from_dtype(t.dtype, item=name), tuple(t.shape))
             for name, t in prepared
         ]
         header = format.encode_header(planned, metadata)
         folder, name = posixpath.split(path)
-        temp = posixpath.join(folder, f".{name}.{os.getpid()}-{secrets.token_hex(4)}{TEMP_SUFFIX}")
+        temp = posixpath.join(folder, atomic.temp_name(name))
         try:
             with self.fs.open(temp, "wb") as stream:
                 stream.write(header)
                 for _, tensor in prepared:
-                    stream.write(engine.tensor_bytes(tensor))
+                    stream.write(buffers.tensor_bytes(tensor))
             self.fs.mv(temp, path)
         except Exception as e:
             with contextlib.suppress(Exception):
@@ -265,7 +260,7 @@ class FsspecStorage(Storage):
             with self.fs.open(path, "rb") as stream:
                 for entry in sorted(entries, key=lambda e: e.begin):
                     tensor = torch.empty(entry.shape, dtype=entry.torch_dtype)
-                    view = engine.tensor_bytes(tensor)
+                    view = buffers.tensor_bytes(tensor)
                     stream.seek(entry.begin)
                     while len(view):
                         count = stream.readinto(view)

@@ -18,7 +18,8 @@ from typing import Any, Callable, Iterator, Mapping
 
 import torch
 
-from modelkeep import api, engine, errors, format
+from modelkeep import api, errors, format
+from modelkeep.io import tensors as tensor_io
 from modelkeep.arch import factories, graph, modules, records, verify
 
 _hook_lock = threading.RLock()
@@ -209,7 +210,7 @@ def build_model(
     if strategy == "graph":
         def read(names: list[str]) -> dict[str, torch.Tensor]:
             entries = _entries(header)
-            return engine.read_tensors(path, [entries[n] for n in dict.fromkeys(names)])
+            return tensor_io.read_tensors(path, [entries[n] for n in dict.fromkeys(names)])
 
         model = graph.build(record, path=path, shapes=stored, read=read)
         extras = records.string_map(record, "constants", path=path, names=records.FQN_PATTERN)
@@ -276,7 +277,7 @@ def fill(
         raise records.bad_record(header.path, f"tensors {missing[:5]} are named but not stored", "buffers")
     adopt_dtypes(model, {n: e.torch_dtype for n, e in entries.items()})
     _tie(model, header.aliases)
-    values = engine.read_tensors(
+    values = tensor_io.read_tensors(
         header.path, [entries[s] for s in dict.fromkeys(extras.values())], device=device or "cpu"
     )
     _put_extras(model, extras, values, header.path)  # so that no meta tensor is left unfilled

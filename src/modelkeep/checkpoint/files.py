@@ -15,7 +15,8 @@ from typing import Any, Mapping
 
 import torch
 
-from modelkeep import api, engine, errors, format, storage
+from modelkeep import api, errors, format, hashing, storage
+from modelkeep.io import buffers
 from modelkeep.checkpoint import tree
 
 STATE_VERSION = 1
@@ -54,13 +55,8 @@ def state_tree(header: format.Header) -> Any:
 
 
 def _recorded_digests(header: format.Header) -> dict[str, str] | None:
-    record = header.modelkeep_value(format.KEY_HASHES)
-    if record is None:
-        return None
-    if (not isinstance(record, dict) or record.get("algorithm") != engine.HASH_ALGORITHM
-            or not isinstance(record.get("tensors"), dict)):
-        raise _bad(header.path, "hash record is malformed or of an unknown algorithm", format.KEY_HASHES)
-    return record["tensors"]
+    record = hashing.read_record(header)
+    return None if record is None else dict(record.tensors)
 
 
 def verify_tensors(header: format.Header, tensors: Mapping[str, torch.Tensor]) -> None:
@@ -73,8 +69,8 @@ def verify_tensors(header: format.Header, tensors: Mapping[str, torch.Tensor]) -
         if expected is None:
             raise errors.IntegrityError("tensor has no recorded digest", path=header.path, item=name,
                                         fix="the file was edited; use an intact checkpoint")
-        hasher = engine.new_hasher()
-        hasher.update(engine.tensor_bytes(tensor))
+        hasher = hashing.new_hasher()
+        hasher.update(buffers.tensor_bytes(tensor))
         if hasher.hexdigest() != expected:
             raise errors.IntegrityError(
                 "bytes do not match the digest recorded when the checkpoint was saved",
