@@ -323,23 +323,6 @@ def test_destination_is_a_folder(tmp_path):
     assert os.listdir(tmp_path) == ["model.safetensors"]
 
 
-def test_stale_temps_of_other_files_and_live_writers_are_kept(tmp_path):
-    """Only temp files of this destination whose writer is gone are removed."""
-    path = str(tmp_path / "model")
-    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
-                              capture_output=True, text=True, check=True)
-    dead = int(finished.stdout)
-    stale = f".model.{dead}-0123abcd{atomic.TEMP_SUFFIX}"
-    live = f".model.{os.getppid()}-0123abcd{atomic.TEMP_SUFFIX}"  # our parent is alive
-    other_file = f".model.v2.{dead}-0123abcd{atomic.TEMP_SUFFIX}"  # a temp of "model.v2"
-    odd = f".model.{dead}-notours{atomic.TEMP_SUFFIX}"
-    for name in (stale, live, other_file, odd):
-        (tmp_path / name).write_bytes(b"partial")
-    mk.save_weights(version(1), path)
-    assert sorted(os.listdir(tmp_path)) == sorted(["model", live, other_file, odd])
-    assert atomic.remove_stale_temps(path) == []
-
-
 def test_replacing_keeps_permissions_and_writes_through_symlinks(tmp_path) -> None:
     import os
     import stat
