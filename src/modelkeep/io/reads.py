@@ -350,8 +350,25 @@ def read_ranges(
         FormatError: the file ends before a piece does.
     """
     with gc_paused():
-        planned = [(offset, _size(destination), destination) for offset, destination in pieces]
-        planned = [piece for piece in planned if piece[1]]
+        sized = [(offset, _size(destination), destination) for offset, destination in pieces]
+    return read_sized_ranges(path, sized, threads=threads, chunk_bytes=chunk_bytes, progress=progress, then=then)
+
+
+def read_sized_ranges(
+    path: str,
+    pieces: list[tuple[int, int, Any]],
+    *,
+    threads: int | None = None,
+    chunk_bytes: int | None = None,
+    progress: Progress | None = None,
+    then: Sequence[Callable[[], None]] = (),
+) -> int:
+    """``read_ranges`` for callers that already know each piece's size: ``(file offset, nbytes,
+    destination)``, ``nbytes`` being the destination's size (the tensors helper knows it from
+    the header, which saves a pass over 20,000 small tensors). Sorts ``pieces`` in place;
+    pieces of 0 bytes are skipped."""
+    with gc_paused():
+        planned = pieces if all(piece[1] for piece in pieces) else [piece for piece in pieces if piece[1]]
         planned.sort(key=_first)
         direct_bytes = sum(piece[1] for piece in planned)
         method = READ_METHOD

@@ -82,7 +82,7 @@ def read_into(
         StorageError: the file cannot be opened or read.
         FormatError: the file ends before an entry does.
     """
-    pieces: list[tuple[int, Any]] = []
+    pieces: list[tuple[int, int, Any]] = []
     staged: list[tuple[format.TensorEntry, torch.Tensor]] = []
     staged_bytes = 0
     with gc_paused():
@@ -90,7 +90,7 @@ def read_into(
             if entry.end == entry.begin:
                 continue
             if accepts_raw_bytes(destination, entry):
-                pieces.append((entry.begin, destination))
+                pieces.append((entry.begin, entry.end - entry.begin, destination))
             else:
                 staged.append((entry, destination))
                 staged_bytes += entry.nbytes
@@ -102,7 +102,9 @@ def read_into(
             functools.partial(_read_staged, path, staged[i : i + share], progress)
             for i in range(0, len(staged), share)
         ]
-    direct = reads.read_ranges(path, pieces, threads=threads, chunk_bytes=chunk_bytes, progress=progress, then=jobs)
+    direct = reads.read_sized_ranges(
+        path, pieces, threads=threads, chunk_bytes=chunk_bytes, progress=progress, then=jobs
+    )
     return direct + staged_bytes
 
 
