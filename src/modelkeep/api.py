@@ -17,7 +17,6 @@ import torch
 
 from modelkeep import atomic, errors, format, reading
 from modelkeep.io import buffers
-from modelkeep.io import tensors as tensor_io
 from modelkeep import sniff as sniffing
 from modelkeep._version import __version__
 
@@ -441,7 +440,7 @@ def load_weights(
             seen.add(id(tensor))
             pairs.append((entry, tensor))  # the engine writes bytes only, never autograd history
     with torch.no_grad():
-        report.bytes_read = source.read_into(pairs, threads=threads)  # safetensors: tensor_io.read_into
+        report.bytes_read = source.read_into(pairs, threads=threads)  # safetensors: io.tensors.read_into
     if eval_mode:
         model.eval()
     report.seconds = time.perf_counter() - started

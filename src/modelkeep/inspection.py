@@ -11,7 +11,7 @@ import dataclasses
 import os
 from typing import Any, Callable
 
-from modelkeep import api, errors, format, hashing
+from modelkeep import api, format, hashing
 from modelkeep.io import reads
 
 
