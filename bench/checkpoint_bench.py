@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 
 import modelkeep as mk
-from modelkeep import engine
+from modelkeep.io import buffers
 
 RESULTS = Path(__file__).with_name("CHECKPOINT_RESULTS.md")
 
@@ -139,7 +139,7 @@ def run(location: str, rounds: int, layers: int, width: int, steps_between: int)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
             for tensor in tensors:
-                view = engine.tensor_bytes(tensor)
+                view = buffers.tensor_bytes(tensor)
                 while len(view):
                     view = view[os.write(fd, view):]
         finally:

@@ -24,7 +24,8 @@ import xxhash
 
 import modelkeep
 from bench import workloads
-from modelkeep import engine, format
+from modelkeep import format
+from modelkeep.io import reads, writes
 
 MARKER = "BENCH-RESULT "
 PAGE = 4096
@@ -142,9 +143,9 @@ def _one_mapping(low: int, high: int) -> bool:
 
 def apply_options(options: dict[str, Any]) -> None:
     """Engine variants for the engine experiments: ``modelkeep:threads=8,chunk=4M`` sets the
-    reader threads and ``engine.CHUNK_BYTES``; ``fsync=0`` makes os.fsync a no-op (to show what
-    durability costs); any other key sets the engine constant of that name
-    (``read_advice=random`` -> ``engine.READ_ADVICE``)."""
+    reader threads and ``reads.CHUNK_BYTES``; ``fsync=0`` makes os.fsync a no-op (to show what
+    durability costs); any other key sets the ``modelkeep.io.reads`` or ``writes`` constant of
+    that name (``read_advice=random`` -> ``reads.READ_ADVICE``)."""
     for key, value in options.items():
         if key == "threads":
             os.environ["MODELKEEP_IO_THREADS"] = str(value)
@@ -154,12 +155,13 @@ def apply_options(options: dict[str, Any]) -> None:
                 os.fsync = lambda fd: None  # type: ignore[assignment]
             continue
         name = "CHUNK_BYTES" if key == "chunk" else key.upper()
-        if not hasattr(engine, name):
+        module = next((m for m in (reads, writes) if hasattr(m, name)), None)
+        if module is None:
             raise SystemExit(f"unknown engine option {key}")
-        current = getattr(engine, name)
+        current = getattr(module, name)
         if isinstance(current, bool):
             value = str(value).lower() in ("1", "true", "yes")
-        setattr(engine, name, type(current)(value))
+        setattr(module, name, type(current)(value))
 
 
 def load_op(contender: str, model: torch.nn.Module, files: dict[str, str]) -> tuple[Callable[[], Any], bool]:

@@ -18,7 +18,8 @@ import atheris
 import torch  # imported before instrumentation: only modelkeep's own code is instrumented
 
 with atheris.instrument_imports(include=["modelkeep"]):
-    from modelkeep import engine, errors, format
+    from modelkeep import errors, format
+    from modelkeep.io import tensors as tensor_io
 
 SCRATCH = os.path.join(tempfile.gettempdir(), f"modelkeep-fuzz-{os.getpid()}.safetensors")
 
@@ -41,7 +42,7 @@ def test_one_input(data: bytes) -> None:
             return
         with open(SCRATCH, "wb") as stream:
             stream.write(data)
-        tensors = engine.read_tensors(SCRATCH, list(header.entries.values()), threads=1)
+        tensors = tensor_io.read_tensors(SCRATCH, list(header.entries.values()), threads=1)
         for entry in header.entries.values():
             if tuple(tensors[entry.name].shape) != entry.shape:
                 raise RuntimeError(f"shape lost for {entry.name}")

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 import modelkeep as mk
-from modelkeep import engine, errors
+from modelkeep import atomic, errors
 
 from _helpers_weights import assert_state_same
 
@@ -112,7 +112,7 @@ def _start(path: str, moment: str, k: int) -> subprocess.Popen:
 
 
 def _temps(folder) -> list[str]:
-    return sorted(name for name in os.listdir(folder) if name.endswith(engine.TEMP_SUFFIX))
+    return sorted(name for name in os.listdir(folder) if name.endswith(atomic.TEMP_SUFFIX))
 
 
 def _held_version(path: str) -> int:
@@ -321,23 +321,6 @@ def test_destination_is_a_folder(tmp_path):
         mk.save_weights(version(1), str(target))
     assert os.listdir(target) == ["keep"]
     assert os.listdir(tmp_path) == ["model.safetensors"]
-
-
-def test_stale_temps_of_other_files_and_live_writers_are_kept(tmp_path):
-    """Only temp files of this destination whose writer is gone are removed."""
-    path = str(tmp_path / "model")
-    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
-                              capture_output=True, text=True, check=True)
-    dead = int(finished.stdout)
-    stale = f".model.{dead}-0123abcd{engine.TEMP_SUFFIX}"
-    live = f".model.{os.getppid()}-0123abcd{engine.TEMP_SUFFIX}"  # our parent is alive
-    other_file = f".model.v2.{dead}-0123abcd{engine.TEMP_SUFFIX}"  # a temp of "model.v2"
-    odd = f".model.{dead}-notours{engine.TEMP_SUFFIX}"
-    for name in (stale, live, other_file, odd):
-        (tmp_path / name).write_bytes(b"partial")
-    mk.save_weights(version(1), path)
-    assert sorted(os.listdir(tmp_path)) == sorted(["model", live, other_file, odd])
-    assert engine.remove_stale_temps(path) == []
 
 
 def test_replacing_keeps_permissions_and_writes_through_symlinks(tmp_path) -> None:

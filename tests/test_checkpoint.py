@@ -23,8 +23,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import modelkeep as mk
-from modelkeep import engine, format, storage, weights
+from modelkeep import format, storage, weights
 from modelkeep.checkpoint import files
+from modelkeep.io import buffers
 from modelkeep.sources import ranges
 from modelkeep.sources import state_tree as tree
 
@@ -57,7 +58,7 @@ def round_trip(value: Any) -> Any:
     """encode -> JSON text -> decode, as a file would do it."""
     encoded = tree.encode(value)
     text = format.dumps(encoded.tree)
-    tensors = {name: engine.cpu_contiguous(t).clone() for name, t in encoded.tensors}
+    tensors = {name: buffers.cpu_contiguous(t).clone() for name, t in encoded.tensors}
     return tree.decode(json.loads(text), tensors, path="memory")
 
 
@@ -65,7 +66,7 @@ def write_checkpoint(path: Path, state_json: Any, tensors: dict[str, torch.Tenso
                      raw: str | None = None) -> None:
     metadata = weights.modelkeep_metadata("checkpoint", {})
     metadata[format.KEY_STATE] = raw if raw is not None else json.dumps(state_json)
-    engine.write_file(str(path), list((tensors or {}).items()), metadata)
+    storage.LOCAL.write_tensor_file(str(path), list((tensors or {}).items()), metadata)
 
 
 # ------------------------------------------------------------------------------------------

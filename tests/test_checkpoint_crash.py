@@ -26,7 +26,7 @@ import pytest
 import torch
 
 import modelkeep as mk
-from modelkeep import engine, storage
+from modelkeep import atomic, storage
 from modelkeep.checkpoint import manager
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -133,7 +133,7 @@ def committed_files(directory: Path) -> dict[int, Path]:
 
 
 def temp_files(directory: Path) -> list[str]:
-    return [name for name in os.listdir(directory) if name.endswith(engine.TEMP_SUFFIX)]
+    return [name for name in os.listdir(directory) if name.endswith(atomic.TEMP_SUFFIX)]
 
 
 def validate(directory: Path, reference: Reference) -> int | None:
@@ -285,8 +285,8 @@ class FaultyStorage(storage.LocalStorage):
     def write_tensor_file(self, path, tensors, metadata):
         if self.fail_writes:
             self.fail_writes -= 1
-            with engine.atomic_file(path) as fd:
-                os.write(fd, b"\0" * 4096)
+            with storage.atomic_write(storage.LOCAL, path) as temp:
+                os.write(temp.stream, b"\0" * 4096)
                 raise OSError(errno.ENOSPC, "No space left on device")
         return super().write_tensor_file(path, tensors, metadata)
 

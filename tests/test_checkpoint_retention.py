@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import modelkeep as mk
-from modelkeep import engine, storage
+from modelkeep import atomic, storage
 from modelkeep.checkpoint import AllOf, AnyOf, CheckpointInfo, KeepAll, retention
 
 LOSSES = {0: 5.0, 1: 3.0, 2: 4.0, 3: 1.0, 4: 2.0, 5: 6.0, 6: math.nan, 7: 1.5}
@@ -139,4 +139,4 @@ def test_retention_waits_for_pending_saves(tmp_path: Path) -> None:
         checkpointer.save(step, model=model)
     checkpointer.wait()
     assert checkpointer.steps() == [5]
-    assert not [n for n in os.listdir(tmp_path) if n.endswith(engine.TEMP_SUFFIX)]
+    assert not [n for n in os.listdir(tmp_path) if n.endswith(atomic.TEMP_SUFFIX)]

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import modelkeep as mk
-from modelkeep import api, errors, format, reading
+from modelkeep import errors, format, reading
 
 from _helpers_weights import entry, file_bytes, write
 

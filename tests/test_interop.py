@@ -21,7 +21,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, load_model, save_file, save_model
 
 import modelkeep as mk
-from modelkeep import engine, format
+from modelkeep import format, storage
 
 from _helpers_weights import ALL_DTYPES, SmallCNN, TinyGPT, assert_same, assert_state_same, random_tensor, trained_like
 
@@ -140,7 +140,7 @@ def test_writer_matches_safetensors_byte_for_byte(tmp_path):
     save_file(state, reference, metadata={"k": "v"})
     order = sorted(format.read_header_file(reference).entries.values(), key=lambda e: e.begin)
     mine = str(tmp_path / "mk.safetensors")
-    engine.write_file(mine, [(e.name, state[e.name]) for e in order], {"k": "v"}, with_hashes=False)
+    storage.LOCAL.write_tensor_file(mine, [(e.name, state[e.name]) for e in order], {"k": "v"}, with_hashes=False)
     with open(reference, "rb") as a, open(mine, "rb") as b:
         assert a.read() == b.read()
 

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 import modelkeep as mk
-from modelkeep import api, engine, format, models, reading
+from modelkeep import api, format, models, reading, storage
 from modelkeep.arch import factories, rebuild, records, verify
 
 
@@ -126,7 +126,7 @@ def _crafted_factory_file(tmp_path, factory: str) -> str:
         records.new_record("factory", factory=factory, kwargs={}, buffers={})
     )
     crafted = tmp_path / "crafted.mk"
-    engine.write_file(str(crafted), list(api.load_state_dict(source).items()), metadata)
+    storage.LOCAL.write_tensor_file(str(crafted), list(api.load_state_dict(source).items()), metadata)
     return str(crafted)
 
 

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 import modelkeep as mk
-from modelkeep import api, engine, format, reading
+from modelkeep import api, format, reading, storage
 
 
 class GatedNet(nn.Module):
@@ -55,7 +55,7 @@ def _rewrite_record(source, destination, change) -> None:
     record = json.loads(metadata[format.KEY_ARCHITECTURE])
     change(record)
     metadata[format.KEY_ARCHITECTURE] = json.dumps(record)
-    engine.write_file(str(destination), list(tensors.items()), metadata)
+    storage.LOCAL.write_tensor_file(str(destination), list(tensors.items()), metadata)
 
 
 def _nodes(record) -> list[dict]:

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import modelkeep as mk
-from modelkeep import api, engine, format, reading
+from modelkeep import api, format, reading, storage
 from modelkeep.arch import records
 
 
@@ -106,7 +106,7 @@ def _with_record(source, destination, record) -> str:
         metadata.pop(format.KEY_ARCHITECTURE)
     else:
         metadata[format.KEY_ARCHITECTURE] = record if isinstance(record, str) else json.dumps(record)
-    engine.write_file(str(destination), list(api.load_state_dict(source).items()), metadata)
+    storage.LOCAL.write_tensor_file(str(destination), list(api.load_state_dict(source).items()), metadata)
     return str(destination)
 
 

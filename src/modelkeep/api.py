@@ -15,13 +15,14 @@ from typing import Any, Iterable, Mapping
 
 import torch
 
-from modelkeep import engine, options, reading, storage, weights
+from modelkeep import options, reading, storage, weights
+from modelkeep.io import buffers
 from modelkeep.weights import LoadReport
 
 __all__ = ["LoadReport", "load_state_dict", "load_weights", "save_weights"]
 
 
-@engine.gc_paused()  # see load_weights
+@buffers.gc_paused()  # see load_weights
 def save_weights(
     model_or_state_dict: torch.nn.Module | Mapping[str, torch.Tensor],
     path: str | os.PathLike[str],
@@ -54,7 +55,7 @@ def save_weights(
     return store.write_tensor_file(where, stored, header_metadata)
 
 
-@engine.gc_paused()  # ~10^5 short-lived objects for a 20,000-tensor model: see engine.gc_paused
+@buffers.gc_paused()  # ~10^5 short-lived objects for a 20,000-tensor model: see buffers.gc_paused
 def load_weights(
     model: torch.nn.Module,
     path: str | os.PathLike[str],

@@ -12,7 +12,8 @@ from typing import Any, Iterable, Iterator, Mapping
 
 import torch
 
-from modelkeep import engine, format, options, reading
+from modelkeep import format, options, reading
+from modelkeep.io import buffers
 from modelkeep.sources.base import TensorSource
 
 
@@ -87,7 +88,7 @@ class DiffReport:
 def _fetch(source: TensorSource, entries: dict[str, Any], name: str) -> torch.Tensor:
     """One tensor of ``source``, read alone (memory for one tensor pair at a time)."""
     entry = entries[name]
-    tensor = engine.allocate(tuple(entry.shape), entry.torch_dtype)
+    tensor = buffers.allocate(tuple(entry.shape), entry.torch_dtype)
     source.read_into([(entry, tensor)], threads=1)
     return tensor
 

@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import os
 import time
 from typing import Callable, Iterator
 
-from modelkeep import errors
+from modelkeep import errors, hashing
 
 DEFAULT_TIMEOUT = 30.0  # seconds to connect, and seconds without a byte while reading
 DEFAULT_RETRIES = 4
@@ -101,14 +100,6 @@ def _attempt(session: object, url: str, partial: str, timeout: float, update: Ca
             raise _Incomplete(f"got {done} of {total} bytes")
 
 
-def _sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as stream:
-        while chunk := stream.read(8 * CHUNK_BYTES):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def download(
     url: str,
     destination: str | os.PathLike[str],
@@ -157,7 +148,7 @@ def download(
                     raise
                 raise errors.storage_error(e, partial, "writing the download") from e
     with errors.map_os_errors(partial, "reading the download"):
-        digest = _sha256(partial)
+        digest = hashing.file_sha256(partial)
     if hash_prefix and not digest.startswith(hash_prefix):
         with contextlib.suppress(OSError):
             os.unlink(partial)

@@ -3,7 +3,7 @@
 A file is ``[u64 little-endian N][N bytes of JSON header, space padded][data buffer]``. Reading is
 strict in the way safetensors' own reader is, so that a file modelkeep accepts is a file every
 safetensors reader accepts, and a hostile header can never make us allocate, index or loop past
-what the file holds. This module knows nothing about tensors' memory or the disk; ``engine`` moves
+what the file holds. This module knows nothing about tensors' memory or the disk; ``modelkeep.io`` moves
 the bytes.
 """
 

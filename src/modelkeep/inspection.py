@@ -10,7 +10,7 @@ import dataclasses
 import os
 from typing import Any, Callable, Mapping
 
-from modelkeep import engine, errors, format, reading, storage
+from modelkeep import errors, format, hashing, reading, storage
 from modelkeep.checkpoint import files as checkpoint_files
 from modelkeep.sources import ranges
 
@@ -180,12 +180,12 @@ def verify(
     if algorithm is None:
         report.unhashed = list(header.entries)
         return report
-    if algorithm != engine.HASH_ALGORITHM:
+    if algorithm != hashing.HASH_ALGORITHM:
         raise errors.FormatError(
             f"unknown hash algorithm {algorithm!r}",
             path=path,
             item=format.KEY_HASHES,
-            fix=f"this modelkeep verifies {engine.HASH_ALGORITHM}; upgrade modelkeep",
+            fix=f"this modelkeep verifies {hashing.HASH_ALGORITHM}; upgrade modelkeep",
         )
     hashed = [entry for entry in header.entries.values() if entry.name in digests]
     actual = ranges.digests_of(store, where, hashed, progress=progress)

@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import os
 import re
 from typing import Any, Iterator, Mapping
 
 import torch
 
-from modelkeep import api, download, errors, reading
+from modelkeep import api, download, errors, hashing, reading
 from modelkeep import sniff as sniffing
 from modelkeep import storage
 from modelkeep.sources import torchsave
@@ -237,17 +236,9 @@ def local_source(factory: str, weights: str, path: str | os.PathLike[str] | None
     return hub_cache_file(entry)
 
 
-def sha256_of(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as stream:
-        while chunk := stream.read(8 * 1024 * 1024):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def check_hash(path: str, entry: WeightsEntry, *, source: str) -> str:
     """The file's sha256, or an IntegrityError when it does not start with the entry's prefix."""
-    digest = sha256_of(path)
+    digest = hashing.file_sha256(path)
     prefix = entry.hash_prefix
     if prefix and not digest.startswith(prefix):
         raise errors.IntegrityError(

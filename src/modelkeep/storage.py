@@ -26,9 +26,10 @@ from typing import Any, BinaryIO, Iterator, Mapping, Sequence
 
 import torch
 
-from modelkeep import engine, errors, format
+from modelkeep import atomic, errors, format, hashing
+from modelkeep.io import buffers, writes
 
-TEMP_SUFFIX = engine.TEMP_SUFFIX
+TEMP_SUFFIX = atomic.TEMP_SUFFIX
 
 
 def is_url(location: str) -> bool:
@@ -173,7 +174,7 @@ class Storage(abc.ABC):
         removed = []
         for name in self.list_names(folder):
             pid = temp_owner_pid(name)
-            if pid is None or engine.process_alive(pid):
+            if pid is None or atomic.process_alive(pid):
                 continue
             with contextlib.suppress(errors.StorageError):
                 self.remove(self.join(folder, name))
@@ -243,28 +244,25 @@ def write_tensor_file(
     with atomic_write(store, path) as temp:
         if temp.rewritable:
             if with_hashes:
-                metadata[format.KEY_HASHES] = engine.hashes_value(
-                    {name: engine.PLACEHOLDER_DIGEST for name, _ in tensors})
+                metadata[format.KEY_HASHES] = hashing.placeholder_record(name for name, _ in tensors)
             header = format.encode_header(planned, metadata)
-            engine.write_all(temp.stream, memoryview(header), path)
-            values = engine.write_tensors(temp.stream, (t for _, t in tensors), path)
+            writes.write_all(temp.stream, memoryview(header))
+            values = writes.write_tensors(temp.stream, (t for _, t in tensors))
             digests = {name: value for (name, _), value in zip(tensors, values)}
             if with_hashes:
-                final = engine.with_digests(header, planned, metadata, digests)
+                final = hashing.fill_digests(header, planned, metadata, digests)
                 if len(final) != len(header):  # fixed-width hex digests: cannot differ
                     raise RuntimeError("header length changed while filling in digests")
                 os.pwrite(temp.stream, final, 0)
             return digests if with_hashes else {}
-        prepared = [(name, engine.cpu_contiguous(t)) for name, t in tensors]
+        prepared = [(name, buffers.cpu_contiguous(t)) for name, t in tensors]
         digests = {}
         if with_hashes:
             for name, tensor in prepared:
-                hasher = engine.new_hasher()
-                hasher.update(engine.tensor_bytes(tensor))
-                digests[name] = hasher.hexdigest()
-            metadata[format.KEY_HASHES] = engine.hashes_value(digests)
+                digests[name] = hashing.digest(buffers.tensor_bytes(tensor))
+            metadata[format.KEY_HASHES] = hashing.encode_record(digests)
         store.write(temp, [format.encode_header(planned, metadata)])
-        store.write(temp, [engine.tensor_bytes(t) for _, t in prepared])
+        store.write(temp, [buffers.tensor_bytes(t) for _, t in prepared])
         return digests
 
 
@@ -315,8 +313,8 @@ class LocalStorage(Storage):
         folder = os.path.dirname(final)
         if not os.path.isdir(folder):
             raise errors.StorageError("folder does not exist", path=final, fix=f"create {folder} first")
-        engine.remove_stale_temps(final)
-        temp = engine.temp_path_for(final)
+        atomic.remove_stale_temps(final)
+        temp = atomic.temp_path_for(final)
         with errors.map_os_errors(final, "writing"):
             fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         try:
@@ -331,7 +329,7 @@ class LocalStorage(Storage):
 
     def write(self, temp: TempFile, buffers: Sequence[Any]) -> None:
         for buffer in buffers:
-            engine.write_all(temp.stream, memoryview(buffer).cast("B"), temp.final)
+            writes.write_all(temp.stream, memoryview(buffer).cast("B"))
 
     def commit(self, temp: TempFile) -> None:
         with errors.map_os_errors(temp.final, "writing"):
@@ -339,7 +337,7 @@ class LocalStorage(Storage):
             os.close(temp.stream)
             temp.stream = -1
             os.replace(temp.path, temp.final)
-            engine.fsync_folder(os.path.dirname(temp.final))
+            atomic.fsync_folder(os.path.dirname(temp.final))
 
     def discard(self, temp: TempFile) -> None:
         if isinstance(temp.stream, int) and temp.stream >= 0:
@@ -428,7 +426,7 @@ class FsspecStorage(Storage):
 
     def create_temp(self, final: str) -> TempFile:
         folder, name = posixpath.split(final)
-        temp = posixpath.join(folder, posixpath.basename(engine.temp_path_for(name)))
+        temp = posixpath.join(folder, atomic.temp_name(name))
         with errors.map_os_errors(final, "writing"):
             return TempFile(temp, final, self.fs.open(temp, "wb"))
 

@@ -14,7 +14,8 @@ from typing import Any, Mapping
 
 import torch
 
-from modelkeep import conventions, engine, errors, format, statetree
+from modelkeep import conventions, errors, format, statetree
+from modelkeep.io import buffers
 from modelkeep._version import __version__
 from modelkeep.sources.base import TensorSource
 
@@ -238,7 +239,7 @@ def _materialize(
             continue
         new = replaced.get(id(tensor))
         if new is None:
-            data = engine.allocate(tensor.shape, tensor.dtype, stride=tensor.stride(), device=device)
+            data = buffers.allocate(tensor.shape, tensor.dtype, stride=tensor.stride(), device=device)
             if isinstance(tensor, torch.nn.Parameter):
                 new = torch.nn.Parameter(data, requires_grad=tensor.requires_grad)
             else:
@@ -287,7 +288,7 @@ def _mismatch_error(path: str, report: LoadReport, file_names: list[str]) -> err
     )
 
 
-@engine.gc_paused()  # ~10^5 short-lived objects for a 20,000-tensor model: see engine.gc_paused
+@buffers.gc_paused()  # ~10^5 short-lived objects for a 20,000-tensor model: see buffers.gc_paused
 def check_dtype(dtype: torch.dtype | None) -> None:
     """Refuse a ``dtype=`` that would turn a model's weights into integers or booleans."""
     if dtype is not None and not (dtype.is_floating_point or dtype.is_complex):
@@ -386,7 +387,7 @@ def load_into(
             seen.add(id(tensor))
             pairs.append((entry, tensor))  # the engine writes bytes only, never autograd history
     with torch.no_grad():
-        report.bytes_read = source.read_into(pairs, threads=threads)  # safetensors: engine.read_into
+        report.bytes_read = source.read_into(pairs, threads=threads)  # local files: io.tensors.read_into
     if eval_mode:
         model.eval()
     report.seconds = time.perf_counter() - started

@@ -15,7 +15,9 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 
-from modelkeep import conventions, engine, errors, format
+from modelkeep import conventions, errors, format
+from modelkeep.io import buffers, reads
+from modelkeep.io import tensors as tensor_io
 from modelkeep.legacy import tensors
 from modelkeep.legacy.loader import Contents
 from modelkeep.legacy.records import Placeholder
@@ -203,7 +205,7 @@ def read_into(
             continue
         direct.append((format.TensorEntry("", name, ref.shape, span[0], span[1]), destination))
         covered.setdefault(id(ref.storage.blob), []).append((ref, destination))
-    total = engine.read_into(path, direct, threads=threads) if direct else 0
+    total = tensor_io.read_into(path, direct, threads=threads) if direct else 0
     _verify_direct(covered, loader, threads)
     with torch.no_grad():
         for ref, destination in staged:
@@ -234,18 +236,18 @@ def _verify_direct(covered: dict[int, list], loader: tensors.StorageLoader, thre
             and ref.storage.start == 0
             and ref.offset == 0
             and ref.nbytes == blob.nbytes
-            and engine.accepts_raw_bytes(destination, format.TensorEntry("", _safetensors_name(ref) or "U8", ref.shape, 0, ref.nbytes))
+            and tensor_io.accepts_raw_bytes(destination, format.TensorEntry("", _safetensors_name(ref) or "U8", ref.shape, 0, ref.nbytes))
         )
         jobs.append((blob, destination if whole else None))
 
     def check(job: tuple[tensors.Blob, torch.Tensor | None]) -> None:
         blob, destination = job
         if destination is not None:
-            tensors.verify_crc(blob, engine.tensor_bytes(destination.detach()))
+            tensors.verify_crc(blob, buffers.tensor_bytes(destination.detach()))
         elif tensors.crc_of_file_range(blob.path, blob.offset, blob.offset + blob.nbytes) != blob.crc:
             raise tensors.crc_error(blob)
 
-    workers = max(1, min(threads or engine.io_threads(), len(jobs)))
+    workers = max(1, min(threads or reads.io_threads(), len(jobs)))
     if workers == 1:
         for job in jobs:
             check(job)

@@ -18,7 +18,10 @@ from typing import Any, Callable
 
 import torch
 
-from modelkeep import engine, errors, format
+from modelkeep import errors, format
+from modelkeep.io import reads
+from modelkeep.io.buffers import tensor_bytes
+from modelkeep.io import tensors as tensor_io
 
 MAX_ELEMENTS = 2**62
 QUANTIZED = frozenset({torch.qint8, torch.qint32, torch.quint8, torch.quint4x2, torch.quint2x4})
@@ -250,12 +253,12 @@ class StorageLoader:
             entry = format.TensorEntry(blob.name, "U8", (blob.nbytes,), blob.offset, blob.offset + blob.nbytes)
             by_path.setdefault(blob.path, []).append((entry, out))
         for path, pairs in by_path.items():
-            engine.read_into(path, pairs, threads=self.threads)
+            tensor_io.read_into(path, pairs, threads=self.threads)
         if self.check_crc:
             checks = [(blob, out) for blob, out in buffers if blob.crc is not None]
-            workers = max(1, min(self.threads or engine.io_threads(), len(checks)))
+            workers = max(1, min(self.threads or reads.io_threads(), len(checks)))
             with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="modelkeep-crc") as pool:
-                for future in [pool.submit(verify_crc, blob, engine.tensor_bytes(out)) for blob, out in checks]:
+                for future in [pool.submit(verify_crc, blob, tensor_bytes(out)) for blob, out in checks]:
                     future.result()
         for blob, out in buffers:
             self._loaded[id(blob)] = (blob, out)
@@ -290,15 +293,15 @@ def read_blob(blob: Blob, *, check_crc: bool = True, threads: int | None = None)
     """All bytes of ``blob`` in a new uint8 tensor, verified and in native (little) byte order."""
     out = torch.empty((blob.nbytes,), dtype=torch.uint8)
     if blob.memory is not None:
-        view = engine.tensor_bytes(out)
+        view = tensor_bytes(out)
         view[:] = blob.memory[blob.offset : blob.offset + blob.nbytes]
     elif blob.compressed is not None:
-        _inflate_into(blob, engine.tensor_bytes(out))
+        _inflate_into(blob, tensor_bytes(out))
     elif blob.nbytes:
         entry = format.TensorEntry(blob.name, "U8", (blob.nbytes,), blob.offset, blob.offset + blob.nbytes)
-        engine.read_into(blob.path, [(entry, out)], threads=threads)
+        tensor_io.read_into(blob.path, [(entry, out)], threads=threads)
     if check_crc and blob.crc is not None:
-        verify_crc(blob, engine.tensor_bytes(out) if blob.nbytes else b"")
+        verify_crc(blob, tensor_bytes(out) if blob.nbytes else b"")
     if blob.big_endian and blob.dtype is not None:
         swap_to_native(out, blob.dtype)
     return out

@@ -13,7 +13,8 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from modelkeep import engine, errors, format
+from modelkeep import errors, format, hashing
+from modelkeep.io import buffers
 from modelkeep.sources import ranges, state_tree
 from modelkeep.storage import Storage
 
@@ -60,17 +61,16 @@ def verify_tensors(header: format.Header, tensors: Mapping[str, torch.Tensor]) -
         IntegrityError: a tensor has no digest or its bytes differ.
         FormatError: the hash record is malformed.
     """
-    digests = engine.recorded_digests(header)
-    if digests is None:
+    record = hashing.read_record(header)
+    if record is None:
         return
+    digests = record.tensors
     for name, tensor in tensors.items():
         expected = digests.get(name)
         if expected is None:
             raise errors.IntegrityError("tensor has no recorded digest", path=header.path, item=name,
                                         fix="the file was edited; use an intact checkpoint")
-        hasher = engine.new_hasher()
-        hasher.update(engine.tensor_bytes(tensor))
-        if hasher.hexdigest() != expected:
+        if hashing.digest(buffers.tensor_bytes(tensor)) != expected:
             raise errors.IntegrityError(
                 "bytes do not match the digest recorded when the checkpoint was saved",
                 path=header.path, item=name,

@@ -14,7 +14,9 @@ from typing import Callable, Sequence
 
 import torch
 
-from modelkeep import engine, errors, format
+from modelkeep import errors, format, hashing
+from modelkeep.io import buffers, reads
+from modelkeep.io import tensors as tensor_io
 from modelkeep.storage import Storage
 
 Pair = tuple[format.TensorEntry, torch.Tensor]
@@ -46,15 +48,15 @@ def read_into(
     """
     local = store.local_path(path)
     if local is not None:
-        return engine.read_into(local, pairs, threads=threads, progress=progress)
+        return tensor_io.read_into(local, pairs, threads=threads, progress=progress)
     total = 0
     with errors.map_os_errors(path, "reading"), store.open_read(path) as stream:
         for entry, destination in sorted(pairs, key=lambda pair: pair[0].begin):
             if entry.nbytes == 0:
                 continue
-            direct = engine.accepts_raw_bytes(destination, entry)
+            direct = tensor_io.accepts_raw_bytes(destination, entry)
             target = destination if direct else torch.empty(entry.shape, dtype=entry.torch_dtype)
-            _read_exactly(stream, entry, engine.tensor_bytes(target), path)
+            _read_exactly(stream, entry, buffers.tensor_bytes(target), path)
             if not direct:
                 with torch.no_grad():
                     destination.copy_(target)
@@ -101,8 +103,8 @@ def read_tensors(
     """
     local = store.local_path(path)
     if local is not None:
-        return engine.read_tensors(local, entries, device=device, threads=threads)
-    out = {e.name: engine.allocate(e.shape, e.torch_dtype) for e in entries}
+        return tensor_io.read_tensors(local, entries, device=device, threads=threads)
+    out = {e.name: buffers.allocate(e.shape, e.torch_dtype) for e in entries}
     read_into(store, path, [(e, out[e.name]) for e in entries])
     device = torch.device(device)
     if device.type != "cpu":
@@ -140,23 +142,23 @@ def digests_of(
             fd = os.open(local, os.O_RDONLY)
         try:
             def one(entry: format.TensorEntry) -> tuple[str, str]:
-                digest = engine.digest_range(fd, entry.begin, entry.end, path)
+                digest = hashing.digest_range(fd, entry.begin, entry.end, path)
                 if progress is not None:
                     progress(entry.nbytes)
                 return entry.name, digest
 
-            with concurrent.futures.ThreadPoolExecutor(engine.io_threads()) as pool:
+            with concurrent.futures.ThreadPoolExecutor(reads.io_threads()) as pool:
                 out.update(pool.map(one, entries))
         finally:
             os.close(fd)
         return out
     with errors.map_os_errors(path, "reading"), store.open_read(path) as stream:
         for entry in sorted(entries, key=lambda e: e.begin):
-            hasher = engine.new_hasher()
+            hasher = hashing.new_hasher()
             stream.seek(entry.begin)
             remaining = entry.nbytes
             while remaining:
-                chunk = stream.read(min(remaining, engine.CHUNK_BYTES))
+                chunk = stream.read(min(remaining, hashing.RANGE_CHUNK_BYTES))
                 if not chunk:
                     raise errors.FormatError("file ended before its data", path=path, item=entry.name,
                                              fix="the file or object was truncated; save it again")
