@@ -64,13 +64,9 @@ def resolve(
 
 
 def temp_owner_pid(name: str) -> int | None:
-    """The process id embedded in a temporary file name ``.{name}.{pid}-{hex}.mk-tmp``."""
-    if not (name.startswith(".") and name.endswith(TEMP_SUFFIX)):
-        return None
-    stem = name[: -len(TEMP_SUFFIX)]
-    _, _, tail = stem.rpartition(".")
-    pid_text = tail.split("-", 1)[0]
-    return int(pid_text) if pid_text.isdigit() else None
+    """The process id in a temporary name ``.{name}.{pid}-{8 hex}.mk-tmp`` (see ``atomic``)."""
+    parsed = atomic.parse_temp_name(name)
+    return parsed[1] if parsed is not None else None
 
 
 def storage_error(e: BaseException, path: str, action: str) -> errors.StorageError:
@@ -230,7 +226,7 @@ def write_tensor_file(
         with_hashes: record per-tensor digests.
 
     Returns:
-        ``{name: hex digest}`` (empty when ``with_hashes`` is False).
+        ``{name: hex digest}`` of the bytes written (also when they are not recorded).
 
     Raises:
         StorageError: the storage failed; ``path`` is untouched.
@@ -254,12 +250,10 @@ def write_tensor_file(
                 if len(final) != len(header):  # fixed-width hex digests: cannot differ
                     raise RuntimeError("header length changed while filling in digests")
                 os.pwrite(temp.stream, final, 0)
-            return digests if with_hashes else {}
+            return digests
         prepared = [(name, buffers.cpu_contiguous(t)) for name, t in tensors]
-        digests = {}
+        digests = {name: hashing.digest(buffers.tensor_bytes(tensor)) for name, tensor in prepared}
         if with_hashes:
-            for name, tensor in prepared:
-                digests[name] = hashing.digest(buffers.tensor_bytes(tensor))
             metadata[format.KEY_HASHES] = hashing.encode_record(digests)
         store.write(temp, [format.encode_header(planned, metadata)])
         store.write(temp, [buffers.tensor_bytes(t) for _, t in prepared])
