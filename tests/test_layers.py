@@ -37,6 +37,7 @@ LAYERS: dict[str, int] = {
     "modelkeep.api": 4,
     "modelkeep.arch": 4,
     "modelkeep.models": 4,
+    "modelkeep.creation": 4,
     "modelkeep.checkpoint": 4,
     "modelkeep.conversion": 4,
     "modelkeep.inspection": 4,

@@ -23,7 +23,7 @@ def test_real_entry_fetches_its_own_file_name_and_checks_its_hash(server: Server
     monkeypatch.setenv("MODELKEEP_WEIGHTS_MIRROR", server.base)
     server.files["squeezenet1_1-b8a52dc0.pth"] = checkpoint_bytes(torch.nn.Linear(2, 2))  # not the real bytes
     with pytest.raises(errors.IntegrityError, match="b8a52dc0"):
-        models.create("torchvision:squeezenet1_1", weights="IMAGENET1K_V1")
+        mk.create("torchvision:squeezenet1_1", weights="IMAGENET1K_V1")
     assert server.requests == [("squeezenet1_1-b8a52dc0.pth", None)]
     entry = pretrained.resolve("torchvision:squeezenet1_1", "IMAGENET1K_V1")
     assert not os.path.exists(pretrained.cached_path(entry))
@@ -42,7 +42,7 @@ def test_create_with_named_weights_then_save_and_predict(server: Server, tmp_pat
         "torchvision:squeezenet1_1", "IMAGENET1K_V1", url=server.url(name),
         inference=mk.InferenceSpec.from_torchvision(weights),
     )
-    model = models.create("torchvision:squeezenet1_1", weights="IMAGENET1K_V1")
+    model = mk.create("torchvision:squeezenet1_1", weights="IMAGENET1K_V1")
     for key, value in reference.state_dict().items():
         assert torch.equal(model.state_dict()[key], value), key
     assert not model.training

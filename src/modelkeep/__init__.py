@@ -40,7 +40,8 @@ from modelkeep.errors import (
 from modelkeep.inference.pipeline import Prediction, Ranked, predict
 from modelkeep.inference.spec import ImagePreprocess, InferenceSpec
 from modelkeep.inspection import FileInfo, TensorInfo, VerifyReport, inspect, verify
-from modelkeep.models import create, load, save
+from modelkeep.creation import create
+from modelkeep.models import load, save
 from modelkeep.reading import read
 from modelkeep.scanning import FileScan, GlobalFinding, scan
 

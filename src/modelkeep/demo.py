@@ -158,7 +158,7 @@ class Demo:
     def build_vgg16(self) -> tuple[torch.nn.Module, Step]:
         import torchvision
 
-        from modelkeep import models, pretrained
+        from modelkeep import creation, pretrained
 
         entry = pretrained.resolve(VGG, VGG_WEIGHTS)
         local = pretrained.local_source(VGG, VGG_WEIGHTS, self.weights_path)
@@ -166,7 +166,7 @@ class Demo:
             pretrained.fetch(entry, local)  # hash-checked and cached in modelkeep format once
         named = local is not None
         with self.status("building vgg16"), _timed() as ours:
-            model = models.create(VGG, weights=VGG_WEIGHTS if named else None)
+            model = creation.create(VGG, weights=VGG_WEIGHTS if named else None)
         with self.status("building vgg16 with torchvision"), _timed(skip=self.quick) as theirs:
             if self.quick:
                 pass
