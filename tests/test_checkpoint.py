@@ -26,7 +26,6 @@ import modelkeep as mk
 from modelkeep import format, storage, weights
 from modelkeep.checkpoint import files
 from modelkeep.io import buffers
-from modelkeep.sources import ranges
 from modelkeep.sources import state_tree as tree
 
 # ------------------------------------------------------------------------------------------
@@ -255,39 +254,6 @@ def location(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     import fsspec
 
     fsspec.filesystem("memory").rm(url.removeprefix("memory://").split("/")[0], recursive=True)
-
-
-def dead_pid() -> int:
-    process = subprocess.Popen([sys.executable, "-c", "pass"])
-    process.wait()
-    return process.pid
-
-
-def test_storage_contract(location: str, tmp_path: Path) -> None:
-    store, folder = storage.resolve(location)
-    assert store.list_names(folder) == []
-    store.makedirs(folder)
-    tensors = [("a", torch.arange(6, dtype=torch.float32).reshape(2, 3)), ("b", torch.tensor(7))]
-    path = store.join(folder, "x.safetensors")
-    digests = store.write_tensor_file(path, tensors, {"k": "v"})
-    assert store.list_names(folder) == ["x.safetensors"]
-    header = store.read_header(path)
-    assert header.metadata["k"] == "v" and list(header.entries) == ["a", "b"]
-    read = ranges.read_tensors(store, path, list(header.entries.values()))
-    assert torch.equal(read["a"], tensors[0][1]) and torch.equal(read["b"], tensors[1][1])
-    reference = tmp_path / "reference.safetensors"  # every backend writes the same bytes
-    assert storage.LocalStorage().write_tensor_file(str(reference), tensors, {"k": "v"}) == digests
-    if isinstance(store, storage.FsspecStorage):
-        assert store.fs.cat_file(path) == reference.read_bytes()
-    stale = store.join(folder, f".x.safetensors.{dead_pid()}-0badcafe.mk-tmp")
-    live = store.join(folder, f".x.safetensors.{os.getpid()}-0badcafe.mk-tmp")
-    for temp in (stale, live):
-        store.write_tensor_file(temp, tensors, {})
-    assert store.remove_stale_temps(folder) == [stale.rsplit("/", 1)[-1]]
-    store.delete(live)
-    store.delete(path)
-    store.delete(path)  # deleting what is gone is not an error
-    assert store.list_names(folder) == []
 
 
 def test_checkpointer_on_every_backend(location: str) -> None:

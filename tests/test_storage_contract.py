@@ -8,15 +8,12 @@ takes ``storage_options``, so a new backend needs nothing but its fixture entry.
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import json
 import os
-import uuid
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
-import fsspec
 import pytest
 import torch
 import torchvision
@@ -24,53 +21,8 @@ from click.testing import CliRunner
 from torch import nn
 
 import modelkeep as mk
-from modelkeep import cli, pretrained, storage
-
-BACKENDS = ("local", "memory")
-
-
-@dataclasses.dataclass
-class Place:
-    """A folder on one backend: ``path(name)`` for a file in it, ``options`` for its URLs."""
-
-    root: str
-    options: dict[str, Any] | None
-
-    def path(self, name: str) -> str:
-        return f"{self.root}/{name}"
-
-    def put(self, name: str, data: bytes) -> str:
-        """Write raw bytes (a file made by another tool) and return its location."""
-        location = self.path(name)
-        store, where = storage.resolve(location, self.options)
-        store.makedirs(store.parent(where))
-        storage.write_bytes(store, where, data)
-        return location
-
-    def get(self, name: str) -> bytes:
-        store, where = storage.resolve(self.path(name), self.options)
-        with store.open_read(where) as stream:
-            return stream.read()
-
-    def makedirs(self, name: str) -> None:
-        store, where = storage.resolve(self.path(name), self.options)
-        store.makedirs(where)
-
-    def names(self) -> list[str]:
-        store, where = storage.resolve(self.root, self.options)
-        return store.list_names(where)
-
-
-@pytest.fixture(params=BACKENDS)
-def place(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Place]:
-    if request.param == "local":
-        yield Place(str(tmp_path), None)
-        return
-    bucket = f"mk-contract-{uuid.uuid4().hex[:12]}"
-    fsspec.filesystem("memory").makedirs(f"/{bucket}", exist_ok=True)
-    yield Place(f"memory://{bucket}", {})
-    fsspec.filesystem("memory").rm(f"/{bucket}", recursive=True)
-
+from modelkeep import cli, pretrained
+from places import Place
 
 def mlp(seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)

@@ -281,8 +281,8 @@ def load(
         StorageError: the file cannot be read.
     """
     path = os.fspath(path)
-    trust = factories.check_trust_names(trust)
-    read_options = options.read_options(trust)
+    read_options = options.read_options(trust)  # trust is checked here, once
+    trust = read_options.trust
     store, where = storage.resolve(path, storage_options)
     if sniff.sniff(where, store) != "safetensors":
         return _load_legacy(store, where, device=device, read_options=read_options)

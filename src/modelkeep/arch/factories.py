@@ -208,20 +208,6 @@ def _is_trusted(name: str, trust: Iterable[str]) -> bool:
     return any(name == t or name.startswith(t + ".") for t in trust)
 
 
-def check_trust_names(trust: Iterable[str]) -> tuple[str, ...]:
-    if isinstance(trust, str):
-        trust = (trust,)
-    checked = tuple(trust)
-    for entry in checked:
-        if not isinstance(entry, str) or not records.DOTTED_NAME.fullmatch(entry):
-            raise errors.ArchitectureError(
-                "trust entries are module names such as 'mylib' or 'mylib.models'",
-                item=repr(entry),
-                fix="pass trust=('mylib',)",
-            )
-    return checked
-
-
 def resolve(
     name: str, *, trust: Iterable[str] = (), path: str | None = None
 ) -> Callable[..., torch.nn.Module]:
@@ -250,7 +236,7 @@ def resolve(
         return _torchvision_builder(name, path)
     if parsed.namespace == "timm":
         return _timm_builder(name, path)
-    trust = check_trust_names(trust)
+    trust = (trust,) if isinstance(trust, str) else tuple(trust)  # checked by options.read_options
     if not _is_trusted(name, trust):
         raise errors.UnsafeContentError(
             "the file asks to call a factory that is not trusted; nothing was imported",
