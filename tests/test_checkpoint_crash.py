@@ -293,7 +293,7 @@ class FaultyStorage(storage.LocalStorage):
     def delete(self, path):
         if self.fail_deletes:
             self.fail_deletes -= 1
-            raise storage.storage_error(OSError(errno.EIO, "Input/output error"), path, "deleting")
+            raise mk.errors.storage_error(OSError(errno.EIO, "Input/output error"), path, "deleting")
         return super().delete(path)
 
 

@@ -162,22 +162,6 @@ def test_map_os_errors_maps_the_extra_classes_asked_for() -> None:
     assert isinstance(caught.value.__cause__, BackendError)
 
 
-def test_reading_failed_is_the_reading_mapping(tmp_path: Path) -> None:
-    error = errors.reading_failed(IsADirectoryError(errno.EISDIR, "Is a directory"), tmp_path)
-    assert error.what == "reading failed: is a folder, not a file" and error.path == str(tmp_path)
-
-
-@pytest.mark.skipif(os.geteuid() == 0, reason="root reads any file")
-def test_a_real_permission_error_is_mapped(tmp_path: Path) -> None:
-    path = tmp_path / "w.safetensors"
-    mk.save_weights(torch.nn.Linear(2, 2), path)
-    path.chmod(0)
-    with pytest.raises(mk.StorageError, match="permission denied"):
-        mk.inspect(path)
-
-
-# ---------------------------------------------------------------------------- checkpoint errors
-
 
 def test_checkpoint_step_errors_are_typed(tmp_path: Path) -> None:
     checkpointer = mk.Checkpointer(tmp_path, async_save=False)

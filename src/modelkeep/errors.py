@@ -41,7 +41,6 @@ __all__ = [
     "UnsafeContentError",
     "UnsupportedValueError",
     "map_os_errors",
-    "reading_failed",
     "storage_error",
 ]
 
@@ -239,16 +238,3 @@ def map_os_errors(
         raise
     except (OSError, *also) as e:
         raise storage_error(e, path, action) from e
-
-
-def reading_failed(e: BaseException, path: PathArg) -> StorageError:
-    """The StorageError for ``e``, met while opening or reading ``path``.
-
-    Args:
-        e: the OSError (or fsspec error) raised.
-        path: the file being read.
-
-    Returns:
-        ``storage_error(e, path, "reading")``; kept as a short name for the readers.
-    """
-    return storage_error(e, path, "reading")

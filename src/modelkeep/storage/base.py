@@ -34,11 +34,6 @@ def temp_owner_pid(name: str) -> int | None:
     return parsed[1] if parsed is not None else None
 
 
-def storage_error(e: BaseException, path: str, action: str) -> errors.StorageError:
-    """A StorageError for an OSError (or an fsspec failure) while ``action`` on ``path``."""
-    return errors.storage_error(e, path, action)
-
-
 @dataclasses.dataclass
 class TempFile:
     """A temporary object being written; becomes ``final`` on :meth:`Storage.commit`."""

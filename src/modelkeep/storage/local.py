@@ -10,7 +10,7 @@ from typing import Any, BinaryIO, Sequence
 
 from modelkeep import atomic, errors
 from modelkeep.io import writes
-from modelkeep.storage.base import Storage, TempFile, storage_error
+from modelkeep.storage.base import Storage, TempFile
 
 
 class LocalStorage(Storage):
@@ -45,7 +45,7 @@ class LocalStorage(Storage):
         except FileNotFoundError:
             return []
         except OSError as e:
-            raise storage_error(e, folder, "listing") from e
+            raise errors.storage_error(e, folder, "listing") from e
 
     def makedirs(self, folder: str) -> None:
         with errors.map_os_errors(folder, "creating the folder"):
@@ -67,7 +67,7 @@ class LocalStorage(Storage):
             os.close(fd)
             with contextlib.suppress(OSError):
                 os.unlink(temp)
-            raise storage_error(e, final, "writing") from e
+            raise errors.storage_error(e, final, "writing") from e
         return TempFile(temp, final, fd)
 
     def write(self, temp: TempFile, buffers: Sequence[Any]) -> None:
@@ -96,7 +96,7 @@ class LocalStorage(Storage):
         except FileNotFoundError:
             return
         except OSError as e:
-            raise storage_error(e, path, "deleting") from e
+            raise errors.storage_error(e, path, "deleting") from e
 
 
 LOCAL = LocalStorage()

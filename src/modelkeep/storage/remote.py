@@ -8,7 +8,7 @@ import posixpath
 from typing import Any, BinaryIO, Sequence
 
 from modelkeep import atomic, errors
-from modelkeep.storage.base import Storage, TempFile, storage_error
+from modelkeep.storage.base import Storage, TempFile
 
 
 class FsspecStorage(Storage):
@@ -65,7 +65,7 @@ class FsspecStorage(Storage):
         except FileNotFoundError:
             return []
         except Exception as e:  # fsspec backends raise their own errors
-            raise storage_error(e, folder, "listing") from e
+            raise errors.storage_error(e, folder, "listing") from e
         return sorted(posixpath.basename(str(p).rstrip("/")) for p in listed)
 
     def makedirs(self, folder: str) -> None:
@@ -100,4 +100,4 @@ class FsspecStorage(Storage):
         except FileNotFoundError:
             return
         except Exception as e:
-            raise storage_error(e, path, "deleting") from e
+            raise errors.storage_error(e, path, "deleting") from e
