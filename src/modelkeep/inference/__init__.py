@@ -5,9 +5,7 @@ The package is named ``inference`` so that no public name of ``modelkeep`` shado
 ``modelkeep.predict`` is the function ``pipeline.predict``, and ``import modelkeep.inference.spec``
 works. (Not to be confused with ``modelkeep.inference``, the metadata key where a saved file keeps
 its inference spec: see ``spec``.)
+
+It imports none of its modules: ``models`` uses ``spec`` and ``pipeline`` uses ``models``, so the
+package itself stays below both (the public names are exported by ``modelkeep``).
 """
-
-from modelkeep.inference.pipeline import Prediction, Ranked, predict
-from modelkeep.inference.spec import ImagePreprocess, InferenceSpec
-
-__all__ = ["ImagePreprocess", "InferenceSpec", "Prediction", "Ranked", "predict"]

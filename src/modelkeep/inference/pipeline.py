@@ -14,7 +14,6 @@ from typing import Any, Iterator, Mapping
 import torch
 
 from modelkeep import errors
-from modelkeep import sniff as sniffing
 from modelkeep.inference import preprocess
 from modelkeep.inference import spec as spec_module
 
@@ -81,14 +80,11 @@ def _resolve_model(
             model.to(device)
         return model, explicit or spec_module.attached(model)
     if isinstance(model_or_path, (str, os.PathLike)):
-        from modelkeep import models, storage
+        from modelkeep import models
 
-        path = os.fspath(model_or_path)
-        store, where = storage.resolve(path, storage_options)
-        # torch.save files record no spec; modelkeep files may
-        stored = spec_module.read(path, storage_options=storage_options) if sniffing.sniff(where, store) == "safetensors" else None
-        model = models.load(path, device=device, storage_options=storage_options)
-        return model, explicit or stored or spec_module.attached(model)
+        # load attaches the spec a modelkeep file records (torch.save files record none)
+        model = models.load(os.fspath(model_or_path), device=device, storage_options=storage_options)
+        return model, explicit or spec_module.attached(model)
     raise errors.UnsupportedValueError(
         f"cannot predict with a {type(model_or_path).__name__}",
         item="model",
