@@ -21,7 +21,7 @@ import torch
 import modelkeep as mk
 from modelkeep import atomic, errors
 
-from _helpers_weights import assert_state_same
+from helpers import assert_state_same
 
 TENSORS = 24
 ELEMENTS = 1 << 18  # 1 MB of float32 per tensor: 24 MB per file

@@ -23,6 +23,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import modelkeep as mk
+from helpers import same
 from modelkeep import format, storage, weights
 from modelkeep.checkpoint import files
 from modelkeep.io import buffers
@@ -30,27 +31,6 @@ from modelkeep.sources import state_tree as tree
 
 # ------------------------------------------------------------------------------------------
 # Helpers
-
-
-def same(a: Any, b: Any) -> bool:
-    """Structural equality that also compares types, tensors, arrays and NaNs exactly."""
-    if isinstance(a, torch.Tensor):
-        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape and bool(
-            torch.equal(a.view(torch.uint8) if a.numel() else a, b.view(torch.uint8) if b.numel() else b))
-    if isinstance(a, np.ndarray):
-        return isinstance(b, np.ndarray) and a.dtype == b.dtype and a.tobytes() == b.tobytes() \
-            and a.shape == b.shape
-    if type(a) is not type(b):
-        return False
-    if isinstance(a, float):
-        return (math.isnan(a) and math.isnan(b)) or (a == b and math.copysign(1, a) == math.copysign(1, b))
-    if isinstance(a, dict):
-        return list(a) == list(b) and all(same(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple)):
-        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
-    if isinstance(a, np.generic):
-        return a.dtype == b.dtype and a.tobytes() == b.tobytes()
-    return a == b
 
 
 def round_trip(value: Any) -> Any:

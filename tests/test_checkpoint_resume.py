@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import modelkeep as mk
+from helpers import assert_same
 
 STEPS, STOP = 16, 9
 
@@ -75,21 +76,6 @@ def snapshot(model, optimizer, scheduler, scaler) -> dict[str, Any]:
     }
 
 
-def assert_identical(a: Any, b: Any, where: str = "") -> None:
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), where
-    elif isinstance(a, dict):
-        assert isinstance(b, dict) and list(a) == list(b), where
-        for key in a:
-            assert_identical(a[key], b[key], f"{where}/{key}")
-    elif isinstance(a, (list, tuple)):
-        assert type(a) is type(b) and len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            assert_identical(x, y, f"{where}/{i}")
-    else:
-        assert type(a) is type(b) and a == b, (where, a, b)
-
-
 Setup = Callable[[], tuple[torch.nn.Module, Any, Any, Any]]
 
 
@@ -128,7 +114,7 @@ def test_resume_is_bit_identical(tmp_path: Path, setup: Setup, async_save: bool)
         losses.append(train_step(*second))
 
     assert losses == uninterrupted  # exact float equality, every step
-    assert_identical(snapshot(*second), expected)
+    assert_same(snapshot(*second), expected)
 
 
 def test_rng_states_round_trip(tmp_path: Path) -> None:

@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 import modelkeep as mk
 from modelkeep import cli, format
 
-from _helpers_weights import TinyGPT, entry, file_bytes, trained_like, write
+from helpers import TinyGPT, entry, file_bytes, trained_like, write
 
 
 @pytest.fixture()

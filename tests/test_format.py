@@ -16,7 +16,7 @@ import modelkeep as mk
 from modelkeep import errors, format, reading
 from modelkeep import sniff as sniffing
 
-from _helpers_weights import ALL_DTYPES, assert_same, bits, entry, file_bytes, write
+from helpers import ALL_DTYPES, assert_same, bits, entry, file_bytes, write
 
 GOLDEN_DIR = os.path.join(os.path.dirname(__file__), "golden")
 

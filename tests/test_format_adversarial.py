@@ -19,7 +19,7 @@ from torch import nn
 import modelkeep as mk
 from modelkeep import errors, format, reading
 
-from _helpers_weights import entry, file_bytes, write
+from helpers import entry, file_bytes, write
 
 
 class _Tied(nn.Module):

@@ -23,7 +23,7 @@ from safetensors.torch import load_file, load_model, save_file, save_model
 import modelkeep as mk
 from modelkeep import format, storage
 
-from _helpers_weights import ALL_DTYPES, SmallCNN, TinyGPT, assert_same, assert_state_same, random_tensor, trained_like
+from helpers import ALL_DTYPES, SmallCNN, TinyGPT, assert_same, assert_state_same, random_tensor, trained_like
 
 
 def _every_dtype_state() -> dict[str, torch.Tensor]:

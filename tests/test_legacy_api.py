@@ -14,17 +14,13 @@ from torch import nn
 import modelkeep as mk
 from modelkeep import errors, format, legacy, reading, storage
 from modelkeep.legacy import statedict
+import helpers
 from test_legacy_support import same
 
 
 def small_model(seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     return nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
-
-
-def equal_models(a: nn.Module, b: nn.Module) -> bool:
-    sa, sb = a.state_dict(), b.state_dict()
-    return list(sa) == list(sb) and all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
 def test_read_is_exported():
@@ -45,7 +41,7 @@ def test_checkpoint_keys_are_found_and_reported(tmp_path, key):
     fresh = small_model(seed=1)
     report = mk.load_weights(fresh, path)
     assert report.source_key == key and report.ok and f"{key!r}" in str(report)
-    assert equal_models(fresh, model) and not fresh.training
+    assert helpers.same(fresh, model) and not fresh.training
     state = mk.load_state_dict(path)
     assert list(state) == list(model.state_dict())
 
@@ -72,7 +68,7 @@ def test_load_weights_matches_torch(tmp_path, layout):
     torch.save(model.state_dict(), path, _use_new_zipfile_serialization=layout == "zip")
     fresh = small_model(seed=5)
     report = mk.load_weights(fresh, path)
-    assert report.ok and report.source_key is None and equal_models(fresh, model)
+    assert report.ok and report.source_key is None and helpers.same(fresh, model)
     assert report.bytes_read == sum(t.numel() * t.element_size() for t in model.state_dict().values())
     expected = torch.load(path)
     state = mk.load_state_dict(path)
@@ -94,7 +90,7 @@ def test_zip_tensors_go_straight_into_the_model(tmp_path, monkeypatch):
     fresh = small_model(seed=9)
     pointers = {name: t.data_ptr() for name, t in fresh.state_dict().items()}
     assert mk.load_weights(fresh, path).ok
-    assert equal_models(fresh, model)
+    assert helpers.same(fresh, model)
     assert pointers == {name: t.data_ptr() for name, t in fresh.state_dict().items()}
 
 
@@ -157,7 +153,7 @@ def test_safetensors_files_keep_their_path(tmp_path, monkeypatch):
     assert mk.read(path).keys() == model.state_dict().keys()
     assert isinstance(reading.open_source(path), reading.SafetensorsSource)
     fresh = small_model(3)
-    assert mk.load_weights(fresh, path).ok and equal_models(fresh, model)
+    assert mk.load_weights(fresh, path).ok and helpers.same(fresh, model)
 
 
 def test_checkpoint_files_read_as_their_state(tmp_path):

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from modelkeep.legacy import Placeholder, Record
+from helpers import bits
 
 
 def same(ours: Any, theirs: Any, where: str = "value") -> None:
@@ -100,13 +101,6 @@ def same(ours: Any, theirs: Any, where: str = "value") -> None:
     assert not isinstance(ours, Placeholder), f"{where}: placeholder {ours!r}"
     assert type(ours) is type(theirs) or (type(theirs).__module__ == "pathlib"), f"{where}: {type(ours)} vs {type(theirs)}"
     assert ours == theirs, f"{where}: {ours!r} vs {theirs!r}"
-
-
-def bits(tensor: torch.Tensor) -> torch.Tensor:
-    """The tensor's bytes in C order (so NaNs and every dtype compare exactly)."""
-    out = torch.empty(tensor.shape, dtype=tensor.dtype)
-    out.copy_(tensor)
-    return out.reshape(-1).view(torch.uint8)
 
 
 def shares_storage(a: torch.Tensor, b: torch.Tensor) -> bool:

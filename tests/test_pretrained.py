@@ -16,6 +16,7 @@ import torch
 
 import modelkeep as mk
 from modelkeep import download, errors, format, pretrained, reading
+from helpers import assert_same
 
 FACTORY = "tests.tiny_mlp"
 
@@ -120,14 +121,6 @@ def register(url: str) -> pretrained.WeightsEntry:
     return pretrained.register_weights(FACTORY, "V1", url=url, inference=SPEC)
 
 
-def assert_same_state(model: torch.nn.Module, reference: torch.nn.Module) -> None:
-    expected = reference.state_dict()
-    got = model.state_dict()
-    assert list(got) == list(expected)
-    for name in expected:
-        assert torch.equal(got[name], expected[name]), name
-
-
 def leftovers(tmp_path) -> list[str]:
     folder = tmp_path / "mk-cache" / "downloads"
     return sorted(os.listdir(folder)) if folder.exists() else []
@@ -189,7 +182,7 @@ def test_download_converts_caches_and_loads(server: Server, tmp_path) -> None:
     model = tiny_model(seed=1)
     returned = pretrained.load_named_weights(model, factory=FACTORY, weights="V1")
     assert returned == SPEC.to_json()
-    assert_same_state(model, reference)
+    assert_same(model, reference)
     assert not model.training
     assert server.requests == [(name, None)]
 
@@ -205,7 +198,7 @@ def test_download_converts_caches_and_loads(server: Server, tmp_path) -> None:
     server.httpd.shutdown()  # later loads never touch the network
     again = tiny_model(seed=2)
     pretrained.load_named_weights(again, factory=FACTORY, weights="V1")
-    assert_same_state(again, reference)
+    assert_same(again, reference)
     assert len(server.requests) == 1
 
 
@@ -217,7 +210,7 @@ def test_download_into_a_meta_device_model(server: Server) -> None:
     with torch.device("meta"):
         model = tiny_model()
     pretrained.load_named_weights(model, factory=FACTORY, weights="V1")
-    assert_same_state(model, reference)
+    assert_same(model, reference)
 
 
 def test_dropped_connection_resumes_with_range(server: Server, tmp_path, monkeypatch) -> None:
@@ -308,7 +301,7 @@ def test_torch_hub_cache_is_used_without_network(tmp_path) -> None:
     assert pretrained.local_source(FACTORY, "V1") == str(hub / name)
     model = tiny_model(seed=3)
     pretrained.load_named_weights(model, factory=FACTORY, weights="V1")
-    assert_same_state(model, reference)
+    assert_same(model, reference)
     assert pretrained.local_source(FACTORY, "V1").endswith(".safetensors")  # now the modelkeep copy
 
 
@@ -330,11 +323,11 @@ def test_file_named_by_the_user(tmp_path) -> None:
     (tmp_path / "mine.pth").write_bytes(data)
     model = tiny_model(seed=4)
     pretrained.load_named_weights(model, factory=FACTORY, weights="V1", path=tmp_path / "mine.pth")
-    assert_same_state(model, reference)
+    assert_same(model, reference)
     mk.save_weights(reference, tmp_path / "mine.safetensors")
     other = tiny_model(seed=5)
     pretrained.load_named_weights(other, factory=FACTORY, weights="V1", path=tmp_path / "mine.safetensors")
-    assert_same_state(other, reference)
+    assert_same(other, reference)
     with pytest.raises(errors.StorageError, match="no such file"):
         pretrained.load_named_weights(other, factory=FACTORY, weights="V1", path=tmp_path / "absent.pth")
 

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from modelkeep import format, statetree
 from modelkeep.arch import records
 from modelkeep.sources import state_tree as tree
+from helpers import same
 
 
 class Refused(Exception):
@@ -135,16 +136,6 @@ values = st.recursive(
     | st.sets(hashable, max_size=3),
     max_leaves=16,
 )
-
-
-def same(left, right) -> bool:
-    if type(left) is not type(right):
-        return False
-    if isinstance(left, dict):
-        return list(left) == list(right) and all(same(left[k], right[k]) for k in left)
-    if isinstance(left, (list, tuple)):
-        return len(left) == len(right) and all(same(a, b) for a, b in zip(left, right))
-    return left == right
 
 
 @settings(max_examples=300, deadline=None)

@@ -23,6 +23,7 @@ from torch import nn
 import modelkeep as mk
 from modelkeep import cli, pretrained
 from places import Place
+from helpers import same
 
 def mlp(seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
@@ -34,12 +35,6 @@ def tied(seed: int = 0) -> nn.Module:
     model.add_module("3", nn.Linear(8, 3))
     model[3].weight = model[2].weight
     return model
-
-
-def same_state(a: nn.Module | dict[str, torch.Tensor], b: nn.Module | dict[str, torch.Tensor]) -> bool:
-    sa = a.state_dict() if isinstance(a, nn.Module) else a
-    sb = b.state_dict() if isinstance(b, nn.Module) else b
-    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
 def torch_bytes(value: Any) -> bytes:
@@ -55,10 +50,10 @@ def test_weights_round_trip(place: Place) -> None:
     assert set(digests) == {"0.weight", "0.bias", "2.weight", "2.bias", "3.bias"}  # 3.weight is an alias
     fresh = tied(seed=1)
     report = mk.load_weights(fresh, path, storage_options=place.options)
-    assert report.ok and same_state(fresh, model) and fresh[3].weight is fresh[2].weight
+    assert report.ok and same(fresh, model) and fresh[3].weight is fresh[2].weight
     state = mk.load_state_dict(path, storage_options=place.options)
-    assert same_state(state, model) and state["3.weight"] is state["2.weight"]
-    assert same_state(mk.read(path, storage_options=place.options), model)
+    assert same(state, model) and state["3.weight"] is state["2.weight"]
+    assert same(mk.read(path, storage_options=place.options), model)
     half = tied(seed=2)  # converted on load: the staged path of every backend
     mk.load_weights(half, path, dtype=torch.float16, storage_options=place.options)
     assert torch.equal(half[0].weight, model[0].weight.half())
@@ -91,12 +86,12 @@ def test_torch_save_files(place: Place) -> None:
     model = mlp()
     path = place.put("ckpt.pt", torch_bytes({"model_state_dict": model.state_dict(), "epoch": 3}))
     data = mk.read(path, storage_options=place.options)
-    assert data["epoch"] == 3 and same_state(data["model_state_dict"], model)
+    assert data["epoch"] == 3 and same(data["model_state_dict"], model)
     fresh = mlp(seed=1)
     assert mk.load_weights(fresh, path, storage_options=place.options).source_key == "model_state_dict"
-    assert same_state(fresh, model)
+    assert same(fresh, model)
     whole = place.put("whole.pt", torch_bytes(model))
-    assert same_state(mk.load(whole, storage_options=place.options), model)
+    assert same(mk.load(whole, storage_options=place.options), model)
 
 
 def test_unsafe_torch_save_file_is_refused_and_scanned(place: Place) -> None:
@@ -141,7 +136,7 @@ def test_convert_shards_and_diff(place: Place) -> None:
     assert set(index["weight_map"]) == set(model.state_dict())
     folder = place.path("out")
     state = mk.load_state_dict(folder, storage_options=place.options)
-    assert same_state(state, model) and state["3.weight"] is state["2.weight"]
+    assert same(state, model) and state["3.weight"] is state["2.weight"]
     assert mk.diff(source, folder, storage_options=place.options).equal
     other = place.path("other.safetensors")
     mk.save_weights(tied(seed=5), other, storage_options=place.options)
@@ -163,12 +158,12 @@ def test_checkpointer(place: Place) -> None:
     fresh = mlp(seed=1)
     fresh_opt = torch.optim.SGD(fresh.parameters(), lr=0.1, momentum=0.9)
     restored = ckpt.restore(model=fresh, optimizer=fresh_opt)
-    assert restored.step == 2 and same_state(fresh, model)
+    assert restored.step == 2 and same(fresh, model)
     assert fresh_opt.state_dict()["state"][0]["momentum_buffer"].equal(
         optimizer.state_dict()["state"][0]["momentum_buffer"])
     step_file = ckpt.path(2)
     weights = mk.load_state_dict(step_file, storage_options=place.options)  # a checkpoint's model
-    assert same_state(weights, model)
+    assert same(weights, model)
     assert mk.read(step_file, storage_options=place.options)["step"] == 2
 
 
@@ -187,7 +182,7 @@ def test_create_with_named_weights_from_a_location(place: Place, tmp_path: Path,
     finally:
         pretrained._REGISTRY.clear()
         pretrained._REGISTRY.update(registered)
-    assert not model.training and same_state(model, reference)
+    assert not model.training and same(model, reference)
 
 
 def test_cli_commands(place: Place) -> None:

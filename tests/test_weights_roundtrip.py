@@ -14,7 +14,7 @@ from torch import nn
 import modelkeep as mk
 from modelkeep import errors, format
 
-from _helpers_weights import (
+from helpers import (
     ALL_DTYPES,
     SmallCNN,
     TinyGPT,

@@ -1,12 +1,14 @@
-"""Small models, tensors of every dtype, bit-exact comparison and hand-built files for the
-weights/format tests."""
+"""Shared test helpers: the one exact comparison (``assert_same``/``same``), small models,
+tensors of every dtype and hand-built files."""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 from typing import Any, Mapping
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -90,17 +92,63 @@ def bits(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.view(torch.uint8)
 
 
-def assert_same(actual: torch.Tensor, expected: torch.Tensor) -> None:
-    """Same dtype, shape and bytes."""
-    assert actual.dtype == expected.dtype, (actual.dtype, expected.dtype)
-    assert tuple(actual.shape) == tuple(expected.shape), (actual.shape, expected.shape)
-    assert torch.equal(bits(actual), bits(expected))
+def assert_same(actual: Any, expected: Any, where: str = "value") -> None:
+    """The one exact comparison of the tests: ``actual`` equals ``expected`` in type and value.
+
+    Tensors: same dtype, shape and bytes (so NaN payloads, -0.0 and float8 compare exactly);
+    numpy arrays and scalars: same dtype, shape and bytes; floats: NaN equals NaN and -0.0 is not
+    0.0; dicts: the same keys in the same order; lists and tuples: the same type and length;
+    a module (on either side) stands for its state dict, names in any order. ``where`` names
+    the item in the message.
+    """
+    if isinstance(expected, torch.nn.Module) or isinstance(actual, torch.nn.Module):
+        # a module stands for its state dict; key order is the model's business
+        state_a = actual.state_dict() if isinstance(actual, torch.nn.Module) else actual
+        state_b = expected.state_dict() if isinstance(expected, torch.nn.Module) else expected
+        assert set(state_a) == set(state_b), f"{where}: names differ: {sorted(set(state_a) ^ set(state_b))}"
+        for name in state_b:
+            assert_same(state_a[name], state_b[name], f"{where}[{name!r}]")
+        return
+    if isinstance(expected, torch.Tensor):
+        assert isinstance(actual, torch.Tensor), f"{where}: {type(actual).__name__} is not a tensor"
+        assert actual.dtype == expected.dtype, (where, actual.dtype, expected.dtype)
+        assert tuple(actual.shape) == tuple(expected.shape), (where, actual.shape, expected.shape)
+        assert torch.equal(bits(actual), bits(expected)), f"{where}: values differ"
+        return
+    if isinstance(expected, (np.ndarray, np.generic)):
+        assert type(actual) is type(expected) and actual.dtype == expected.dtype, (where, actual, expected)
+        assert actual.shape == expected.shape and actual.tobytes() == expected.tobytes(), where
+        return
+    assert type(actual) is type(expected), f"{where}: {type(actual).__name__} vs {type(expected).__name__}"
+    if isinstance(expected, float):
+        assert (math.isnan(actual) and math.isnan(expected)) or (
+            actual == expected and math.copysign(1, actual) == math.copysign(1, expected)), (where, actual, expected)
+    elif isinstance(expected, Mapping):
+        assert list(actual) == list(expected), f"{where}: keys {list(actual)} vs {list(expected)}"
+        for key in expected:
+            assert_same(actual[key], expected[key], f"{where}[{key!r}]")
+    elif isinstance(expected, (list, tuple)):
+        assert len(actual) == len(expected), f"{where}: length {len(actual)} vs {len(expected)}"
+        for index, (a, b) in enumerate(zip(actual, expected)):
+            assert_same(a, b, f"{where}[{index}]")
+    else:
+        assert actual == expected, f"{where}: {actual!r} vs {expected!r}"
+
+
+def same(actual: Any, expected: Any) -> bool:
+    """:func:`assert_same` as a boolean, for ``assert not same(...)`` and filters."""
+    try:
+        assert_same(actual, expected)
+    except AssertionError:
+        return False
+    return True
 
 
 def assert_state_same(actual: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor]) -> None:
+    """Two state dicts hold the same names (in any order) with the same tensors."""
     assert set(actual) == set(expected), set(actual) ^ set(expected)
     for name in expected:
-        assert_same(actual[name], expected[name])
+        assert_same(actual[name], expected[name], name)
 
 
 def file_bytes(header: Any, data: bytes = b"", *, pad: bool = True, length: int | None = None) -> bytes:
