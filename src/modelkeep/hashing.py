@@ -136,7 +136,7 @@ def digest_range(fd: int, begin: int, end: int, path: str, chunk_bytes: int = RA
         try:
             count = os.preadv(fd, [piece], offset)
         except OSError as e:
-            raise errors.StorageError(f"read failed: {e.strerror}", path=path, fix="check the disk") from e
+            raise errors.storage_error(e, path, "reading") from e
         if count == 0:
             raise errors.FormatError(
                 "file ended before its data (was it truncated while reading?)",

@@ -10,7 +10,7 @@ import dataclasses
 import os
 from typing import Any, Callable, Mapping
 
-from modelkeep import errors, format, hashing, reading, storage
+from modelkeep import format, hashing, reading, storage
 from modelkeep.checkpoint import files as checkpoint_files
 from modelkeep.sources import ranges
 
@@ -75,22 +75,8 @@ class FileInfo:
 
 
 def _hash_record(header: format.Header) -> tuple[str | None, dict[str, str]]:
-    record = header.modelkeep_value(format.KEY_HASHES)
-    if record is None:
-        return None, {}
-    if (
-        not isinstance(record, dict)
-        or not isinstance(record.get("algorithm"), str)
-        or not isinstance(record.get("tensors"), dict)
-        or not all(isinstance(v, str) for v in record["tensors"].values())
-    ):
-        raise errors.FormatError(
-            "hash record must be {algorithm: str, tensors: {name: hex}}",
-            path=header.path,
-            item=format.KEY_HASHES,
-            fix="re-save the file with modelkeep",
-        )
-    return record["algorithm"], record["tensors"]
+    record = hashing.read_record(header, require_known=False)  # inspect reports any algorithm
+    return (None, {}) if record is None else (record.algorithm, dict(record.tensors))
 
 
 def inspect(path: str | os.PathLike[str], *, storage_options: Mapping[str, Any] | None = None) -> FileInfo:
@@ -180,13 +166,7 @@ def verify(
     if algorithm is None:
         report.unhashed = list(header.entries)
         return report
-    if algorithm != hashing.HASH_ALGORITHM:
-        raise errors.FormatError(
-            f"unknown hash algorithm {algorithm!r}",
-            path=path,
-            item=format.KEY_HASHES,
-            fix=f"this modelkeep verifies {hashing.HASH_ALGORITHM}; upgrade modelkeep",
-        )
+    hashing.read_record(header)  # refuses an algorithm this modelkeep cannot recompute
     hashed = [entry for entry in header.entries.values() if entry.name in digests]
     actual = ranges.digests_of(store, where, hashed, progress=progress)
     for name in header.entries:

@@ -25,6 +25,7 @@ from modelkeep import api, download, errors, hashing, reading
 from modelkeep import sniff as sniffing
 from modelkeep import storage
 from modelkeep.sources import torchsave
+from modelkeep.sources.safetensors import named_entries
 from modelkeep.arch import names
 
 CACHE_ENV = "MODELKEEP_CACHE"
@@ -345,10 +346,7 @@ def fetch(
 
 def _check_fits(model: torch.nn.Module, file: str, entry: WeightsEntry) -> None:
     """Refuse before any byte moves when the checkpoint cannot fill the model."""
-    header = reading.read_header(file)
-    shapes = {name: entry_.shape for name, entry_ in header.entries.items()}
-    for alias, target in header.aliases.items():
-        shapes[alias] = shapes[target]
+    shapes = {name: e.shape for name, e in named_entries(reading.read_header(file)).items()}
     problems = []
     for name, tensor in model.state_dict().items():
         if name not in shapes:

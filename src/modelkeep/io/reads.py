@@ -100,7 +100,7 @@ def preadv_exactly(fd: int, buffers: list[Any], offset: int, path: str, nbytes: 
         try:
             count = os.preadv(fd, pending[:IOV_MAX], offset)
         except OSError as e:
-            raise errors.StorageError(f"read failed: {e.strerror}", path=path, fix="check the disk") from e
+            raise errors.storage_error(e, path, "reading") from e
         if count == 0:
             raise errors.FormatError(
                 "file ended before its data (was it truncated while reading?)",
@@ -173,7 +173,7 @@ def open_for_reading(path: str) -> int:
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError as e:
-        raise errors.StorageError(f"cannot open: {e.strerror}", path=path, fix="check the path") from e
+        raise errors.storage_error(e, path, "reading") from e
     advice = {"sequential": "POSIX_FADV_SEQUENTIAL", "random": "POSIX_FADV_RANDOM"}.get(READ_ADVICE)
     if advice:
         with contextlib.suppress(OSError, AttributeError):
