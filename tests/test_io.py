@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from modelkeep import errors, format, hashing
-from modelkeep.io import buffers, reads, writes
+from modelkeep.io import buffers, reads, residency, writes
 from modelkeep.io import tensors as tensor_io
 
 # Sizes that cover: one byte, odd sizes, a page, above the 4 MB mapping window and the 1 MB
@@ -40,7 +40,7 @@ def drop_cache(path: str) -> None:
     finally:
         os.close(fd)
     size = os.path.getsize(path)
-    resident = reads.resident_fraction(path, 0, size)
+    resident = residency.resident_fraction(path, 0, size)
     if resident is None:
         pytest.skip("mincore is not available here")
     if resident > 0:
@@ -51,7 +51,7 @@ def warm_cache(path: str) -> None:
     with open(path, "rb") as stream:
         while stream.read(1 << 20):
             pass
-    assert reads.resident_fraction(path, 0, os.path.getsize(path)) == 1.0
+    assert residency.resident_fraction(path, 0, os.path.getsize(path)) == 1.0
 
 
 def _set_cache(path: str, cache: str) -> None:

@@ -25,7 +25,6 @@ from modelkeep import errors, format
 HASH_ALGORITHM = "xxh3-128"
 HASH_HEX_LENGTH = 32
 EMPTY_DIGEST = xxhash.xxh3_128_hexdigest(b"")
-RANGE_CHUNK_BYTES = 16 * 1024 * 1024  # bytes per read while digesting a file range
 SHA256_CHUNK_BYTES = 8 * 1024 * 1024  # bytes per read while computing a file's sha256
 
 
@@ -109,43 +108,6 @@ def read_record(header: format.Header, *, require_known: bool = True) -> HashRec
             fix=f"this modelkeep verifies {HASH_ALGORITHM}; upgrade modelkeep",
         )
     return parsed
-
-
-def digest_range(fd: int, begin: int, end: int, path: str, chunk_bytes: int = RANGE_CHUNK_BYTES) -> str:
-    """Digest of bytes ``[begin, end)`` of an open file, read in bounded chunks into one buffer.
-
-    Args:
-        fd: a descriptor open for reading (positional reads: threads may share it).
-        begin: first byte.
-        end: one past the last byte.
-        path: the file's name, for errors.
-        chunk_bytes: bytes per read, bounding the memory used.
-
-    Returns:
-        The hex digest of the range.
-
-    Raises:
-        StorageError: a read failed.
-        FormatError: the file ends before ``end``.
-    """
-    hasher = new_hasher()
-    view = memoryview(bytearray(min(chunk_bytes, max(end - begin, 0))))
-    offset = begin
-    while offset < end:
-        piece = view[: min(len(view), end - offset)]
-        try:
-            count = os.preadv(fd, [piece], offset)
-        except OSError as e:
-            raise errors.storage_error(e, path, "reading") from e
-        if count == 0:
-            raise errors.FormatError(
-                "file ended before its data (was it truncated while reading?)",
-                path=path,
-                fix="re-download or re-save the file",
-            )
-        hasher.update(piece[:count])
-        offset += count
-    return hasher.hexdigest()
 
 
 def file_sha256(path: str | os.PathLike[str], chunk_bytes: int = SHA256_CHUNK_BYTES) -> str:

@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
-import ctypes
 import functools
 import mmap
 import os
@@ -51,7 +50,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from modelkeep import errors
+from modelkeep import errors, hashing
+from modelkeep.io import residency
 from modelkeep.io.buffers import IOV_MAX, advance, byte_view, direct_buffer, gc_paused
 
 CHUNK_BYTES = 16 * 1024 * 1024  # bytes per preadv call
@@ -247,58 +247,12 @@ def _address(buffer: Any) -> int:
     return np.frombuffer(buffer, dtype=np.uint8).ctypes.data
 
 
-def resident_fraction(path: str, begin: int, end: int, samples: int = 64) -> float | None:
-    """About what fraction of ``[begin, end)`` of the file is in the page cache, from
-    ``samples`` pages spread evenly over it (mincore on a mapping faults nothing in; asking
-    about every page of a 4 GB file would cost milliseconds), or None where it cannot be asked."""
-    mincore = _mincore()
-    if end <= begin or mincore is None:
-        return None
-    low = begin - begin % mmap.ALLOCATIONGRANULARITY
-    try:
-        with open(path, "rb") as stream, mmap.mmap(
-            stream.fileno(), end - low, offset=low, access=mmap.ACCESS_READ
-        ) as mapped:
-            view = np.frombuffer(mapped, dtype=np.uint8)
-            try:
-                address = view.ctypes.data
-                first, last = (begin - low) // mmap.PAGESIZE, (end - 1 - low) // mmap.PAGESIZE
-                pages = sorted({first + (last - first) * i // max(1, samples - 1) for i in range(samples)})
-                flag = ctypes.c_ubyte()
-                resident = 0
-                for page in pages:
-                    if mincore(address + page * mmap.PAGESIZE, mmap.PAGESIZE, ctypes.byref(flag)) != 0:
-                        return None
-                    resident += flag.value & 1
-                return resident / len(pages)
-            finally:
-                del view
-    except (OSError, ValueError):
-        return None
-
-
-_mincore_function: Any = None
-
-
-def _mincore() -> Any:
-    global _mincore_function
-    if _mincore_function is None:
-        try:
-            function = ctypes.CDLL(None, use_errno=True).mincore
-            function.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
-            function.restype = ctypes.c_int
-            _mincore_function = function
-        except (OSError, AttributeError):
-            _mincore_function = False
-    return _mincore_function or None
-
-
 def read_method(path: str, begin: int, end: int) -> str:
     """``"mmap"`` or ``"preadv"`` for the range: ``MODELKEEP_READ_METHOD`` or ``READ_METHOD``,
     ``auto`` resolved by how much of the range is in the page cache."""
     method = os.environ.get(READ_METHOD_VARIABLE) or READ_METHOD
     if method == "auto":
-        resident = resident_fraction(path, begin, end)
+        resident = residency.resident_fraction(path, begin, end)
         method = "mmap" if resident is not None and resident >= WARM_FRACTION else "preadv"
     return method
 
@@ -389,3 +343,31 @@ def read_sized_ranges(
 
 def _first(piece: tuple[int, int, Any]) -> int:
     return piece[0]
+
+
+def digest_range(fd: int, begin: int, end: int, path: str, chunk_bytes: int = CHUNK_BYTES) -> str:
+    """Digest of bytes ``[begin, end)`` of an open file, read in bounded chunks into one buffer.
+
+    Args:
+        fd: a descriptor open for reading (positional reads: threads may share it).
+        begin: first byte.
+        end: one past the last byte.
+        path: the file's name, for errors.
+        chunk_bytes: bytes per read, bounding the memory used.
+
+    Returns:
+        The hex digest of the range (``hashing.new_hasher``).
+
+    Raises:
+        StorageError: a read failed.
+        FormatError: the file ends before ``end``.
+    """
+    hasher = hashing.new_hasher()
+    view = memoryview(bytearray(min(chunk_bytes, max(end - begin, 0))))
+    offset = begin
+    while offset < end:
+        piece = view[: min(len(view), end - offset)]
+        preadv_exactly(fd, [piece], offset, path)
+        hasher.update(piece)
+        offset += len(piece)
+    return hasher.hexdigest()

@@ -142,7 +142,7 @@ def digests_of(
             fd = os.open(local, os.O_RDONLY)
         try:
             def one(entry: format.TensorEntry) -> tuple[str, str]:
-                digest = hashing.digest_range(fd, entry.begin, entry.end, path)
+                digest = reads.digest_range(fd, entry.begin, entry.end, path)
                 if progress is not None:
                     progress(entry.nbytes)
                 return entry.name, digest
@@ -158,7 +158,7 @@ def digests_of(
             stream.seek(entry.begin)
             remaining = entry.nbytes
             while remaining:
-                chunk = stream.read(min(remaining, hashing.RANGE_CHUNK_BYTES))
+                chunk = stream.read(min(remaining, reads.CHUNK_BYTES))
                 if not chunk:
                     raise errors.FormatError("file ended before its data", path=path, item=entry.name,
                                              fix="the file or object was truncated; save it again")
