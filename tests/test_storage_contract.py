@@ -185,7 +185,7 @@ def test_create_with_named_weights_from_a_location(place: Place, tmp_path: Path,
     assert not model.training and same(model, reference)
 
 
-def test_cli_commands(place: Place) -> None:
+def test_cli_commands(place: Place, tmp_path_factory) -> None:
     """The CLI takes URLs where it takes paths (in-process, so ``memory://`` is shared)."""
     runner = CliRunner()
     path = place.path("w.safetensors")
@@ -199,6 +199,23 @@ def test_cli_commands(place: Place) -> None:
     result = runner.invoke(cli.main, ["diff", place.path("clean.pt"), converted, "--json"])
     assert result.exit_code == 0 and json.loads(result.output)["equal"] is True
     assert runner.invoke(cli.main, ["diff", path, converted]).exit_code == 1
+    model_path = place.path("m.safetensors")
+    mk.save(mlp(), model_path, storage_options=place.options)
+    inputs = str(tmp_path_factory.mktemp("inputs") / "x.safetensors")  # inputs are local files
+    mk.save_weights({"x": torch.randn(2, 4)}, inputs)
+    result = runner.invoke(cli.main, ["predict", model_path, inputs, "--topk", "2", "--json"])
+    assert result.exit_code == 0 and len(json.loads(result.output)["predictions"]) == 2
+
+
+def test_checkpoint_import_and_extract(place: Place) -> None:
+    model = mlp()
+    source = place.put("train.pt", torch_bytes({"model_state_dict": model.state_dict(), "epoch": 7}))
+    ckpt = mk.Checkpointer(place.path("run"), storage_options=place.options)
+    assert ckpt.import_torch_checkpoint(source, storage_options=place.options) == 7
+    assert ckpt.steps() == [7]
+    out = place.path("extracted.safetensors")
+    mk.checkpoint.extract_weights(ckpt.path(7), out, storage_options=place.options)
+    assert same(mk.load_state_dict(out, storage_options=place.options), model)
 
 
 def test_missing_files_are_storage_errors_naming_the_location(place: Place) -> None:
