@@ -229,3 +229,23 @@ def test_missing_files_are_storage_errors_naming_the_location(place: Place) -> N
         with pytest.raises(mk.StorageError) as caught:
             call()
         assert missing in str(caught.value) and isinstance(caught.value, OSError)
+
+
+def test_cli_storage_options_reach_the_file_system(place: Place, monkeypatch) -> None:
+    seen: list[dict[str, Any] | None] = []
+    real = mk.inspect
+
+    def spy(path, *, storage_options=None):  # noqa: ANN001
+        seen.append(storage_options)
+        return real(path, storage_options=storage_options)
+
+    monkeypatch.setattr(mk, "inspect", spy)
+    path = place.path("w.safetensors")
+    mk.save_weights(mlp(), path, storage_options=place.options)
+    runner = CliRunner()
+    assert runner.invoke(cli.main, ["inspect", path]).exit_code == 0
+    assert seen == [None]
+    runner.invoke(cli.main, ["inspect", path, "--storage-option", "use_listings_cache=false",
+                             "--storage-option", "region=eu"])
+    assert seen[-1] == {"use_listings_cache": False, "region": "eu"}  # JSON values decoded
+    assert runner.invoke(cli.main, ["inspect", path, "--storage-option", "novalue"]).exit_code == 2
