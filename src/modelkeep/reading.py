@@ -11,7 +11,7 @@ what the location is   source
 safetensors/modelkeep  :class:`~modelkeep.sources.safetensors.SafetensorsSource`
 modelkeep checkpoint   :class:`~modelkeep.sources.checkpoint.CheckpointSource` (its model)
 folder / index.json    :class:`~modelkeep.sources.sharded.ShardedSource` (or its one file)
-torch.save file        ``legacy.LegacyWeights`` via :mod:`modelkeep.sources.torchsave`
+torch.save file        :class:`~modelkeep.sources.torchsave.TorchSaveSource` (``legacy/``)
 =====================  ==================================================================
 """
 

@@ -14,7 +14,9 @@ import os
 import shutil
 import tempfile
 import weakref
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
+
+import torch
 
 from modelkeep import errors
 from modelkeep.options import ReadOptions
@@ -65,25 +67,53 @@ def local_copy(store: Storage, path: str) -> Iterator[str]:
             os.unlink(spooled)
 
 
-def open_weights(store: Storage, path: str, options: ReadOptions) -> Any:
-    """The state dict of a torch.save file as a tensor source (see ``legacy.open_weights``)."""
+class TorchSaveSource:
+    """The state dict of a torch.save file as a tensor source (``legacy.LegacyWeights`` inside).
+
+    For a file on an object store the reader works on a private local copy, removed when the
+    source is; errors raised while reading it later still name the caller's location.
+    """
+
+    kind = "torch.save"
+
+    def __init__(self, weights: Any, location: str, spooled: str | None = None) -> None:
+        self._weights = weights
+        self.location = location
+        self.source_key: str | None = weights.source_key
+        self._spooled = spooled
+        if spooled is not None:
+            weakref.finalize(self, _remove, spooled)
+
+    def _named(self) -> contextlib.AbstractContextManager[None]:
+        return _named_as(self.location, self._spooled) if self._spooled else contextlib.nullcontext()
+
+    def entries(self) -> dict[str, Any]:
+        return self._weights.entries()
+
+    def read_into(self, pairs: Sequence[tuple[Any, torch.Tensor]], *, threads: int | None = None) -> int:
+        with self._named():
+            return self._weights.read_into(pairs, threads=threads)
+
+    def tensors(self, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+        with self._named():
+            return self._weights.tensors(device)
+
+
+def open_weights(store: Storage, path: str, options: ReadOptions) -> TorchSaveSource:
+    """The state dict of a torch.save file, found without running anything (see
+    ``legacy.open_weights``: under a checkpoint key, in a pickled module, in TorchScript)."""
     from modelkeep import legacy  # imported on first use: keeps ``import modelkeep`` light
+
     local = store.local_path(path)
     if local is not None:
-        source = legacy.open_weights(local, options=options)
-    else:
-        spooled = _spool(store, path)
-        try:
-            with _named_as(path, spooled):
-                source = legacy.open_weights(spooled, options=options)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(spooled)
-            raise
-        weakref.finalize(source, _remove, spooled)
-    source.location = path
-    source.kind = "torch.save"
-    return source
+        return TorchSaveSource(legacy.open_weights(local, options=options), path)
+    spooled = _spool(store, path)
+    try:
+        with _named_as(path, spooled):
+            return TorchSaveSource(legacy.open_weights(spooled, options=options), path, spooled)
+    except BaseException:
+        _remove(spooled)
+        raise
 
 
 def _remove(path: str) -> None:
@@ -94,5 +124,6 @@ def _remove(path: str) -> None:
 def read(store: Storage, path: str, options: ReadOptions) -> Any:
     """What ``torch.load`` would return for a torch.save file, built without running it."""
     from modelkeep import legacy
+
     with local_copy(store, path) as local, _named_as(path, local):
         return legacy.read(local, options=options)
