@@ -88,8 +88,10 @@ def random_tensor(dtype: torch.dtype, shape: tuple[int, ...], seed: int = 0) -> 
 
 def bits(tensor: torch.Tensor) -> torch.Tensor:
     """The tensor's values as C-ordered bytes, so NaNs and float8/float4 compare exactly."""
-    tensor = tensor.detach().cpu().resolve_conj().resolve_neg().contiguous().reshape(-1)
-    return tensor.view(torch.uint8)
+    tensor = tensor.detach().cpu().resolve_conj().resolve_neg()
+    flat = torch.empty(tensor.shape, dtype=tensor.dtype)  # fresh C-ordered memory, any strides in
+    flat.copy_(tensor)
+    return flat.reshape(-1).view(torch.uint8)
 
 
 def assert_same(actual: Any, expected: Any, where: str = "value") -> None:
