@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 
@@ -239,7 +239,7 @@ def predict(
         with torch.inference_mode():
             for sources, tensors in _batches(_samples(items), batch_size):
                 batch = torch.stack(tensors)
-                problem = spec_module.checked_input_shape(inference, tuple(batch.shape))
+                problem = checked_input_shape(inference, tuple(batch.shape))
                 if problem is not None:
                     raise errors.FormatError(
                         problem,
@@ -254,3 +254,16 @@ def predict(
     finally:
         model.train(was_training)
     return predictions
+
+
+def checked_input_shape(spec: spec_module.InferenceSpec | None, shape: Sequence[int]) -> str | None:
+    """Why ``shape`` (a batch) does not fit the spec's input shape, or None when it fits."""
+    if spec is None or spec.input_shape is None:
+        return None
+    expected = spec.input_shape
+    if len(shape) != len(expected) or any(
+        isinstance(want, int) and want != got for want, got in zip(expected, shape)
+    ):
+        dims = ", ".join("?" if d is None else str(d) for d in expected)
+        return f"got shape {list(shape)}, the model takes [{dims}]"
+    return None

@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
 import torch
 
@@ -404,38 +404,3 @@ def from_torchvision(weights: Any) -> InferenceSpec:
             input_shape=("batch", 3, crop, crop), image=image, labels=labels, output="logits", source=source
         )
     return InferenceSpec(labels=labels, output="raw", source=source)
-
-
-def to_text(spec: InferenceSpec) -> str:
-    """A one-line human summary (for the CLI and the demo)."""
-    parts = []
-    if spec.input_shape is not None:
-        dims = ", ".join("?" if d is None else str(d) for d in spec.input_shape)
-        parts.append(f"input [{dims}] {spec.input_dtype}")
-    if spec.image is not None:
-        image = spec.image
-        steps = [image.channels]
-        if image.resize is not None:
-            steps.append(f"resize {'x'.join(map(str, image.resize))} {image.interpolation}")
-        if image.center_crop is not None:
-            steps.append(f"crop {'x'.join(map(str, image.center_crop))}")
-        if image.mean is not None:
-            steps.append("normalize")
-        parts.append(" -> ".join(steps))
-    if spec.labels is not None:
-        parts.append(f"{len(spec.labels)} labels")
-    parts.append(spec.output)
-    return "; ".join(parts)
-
-
-def checked_input_shape(spec: InferenceSpec | None, shape: Sequence[int]) -> str | None:
-    """Why ``shape`` (a batch) does not fit the spec's input shape, or None when it fits."""
-    if spec is None or spec.input_shape is None:
-        return None
-    expected = spec.input_shape
-    if len(shape) != len(expected) or any(
-        isinstance(want, int) and want != got for want, got in zip(expected, shape)
-    ):
-        dims = ", ".join("?" if d is None else str(d) for d in expected)
-        return f"got shape {list(shape)}, the model takes [{dims}]"
-    return None
