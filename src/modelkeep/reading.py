@@ -142,4 +142,5 @@ def read(
         header = store.read_header(path)
         if checkpoint.is_checkpoint(header):
             return checkpoint.read_checkpoint(store, path, header=header)[1]
+        return SafetensorsSource(store, path, header).tensors()  # the header is read once
     return open_in(store, path, options).tensors()
