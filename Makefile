@@ -8,10 +8,11 @@ BIN := $(VENV)/bin
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --upgrade pip
 
+# pip shows its progress: a first install takes a few minutes (torch is large).
 $(VENV)/.installed-%: pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install --quiet -e '.[$*]'
+	$(BIN)/python -m pip install --progress-bar on -e '.[$*]'
 	touch $@
 
 demo: $(VENV)/.installed-demo

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import os
+import pathlib
 
 import pytest
 from click.testing import CliRunner
@@ -20,10 +21,19 @@ def run_demo(tmp_path, **kwargs) -> tuple[demo.Result, str]:
     return result, buffer.getvalue()
 
 
-def test_quick_demo_keeps_predictions_and_accuracy_identical(tmp_path, monkeypatch) -> None:
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))  # no local vgg16 weights here
-    monkeypatch.setenv("MODELKEEP_CACHE", str(tmp_path / "mk-cache"))
-    result, text = run_demo(tmp_path, quick=True)
+@pytest.fixture(scope="module")
+def quick_demo(tmp_path_factory) -> tuple[demo.Result, str, pathlib.Path]:
+    """One quick run of the whole demo, shared by the tests that read its output."""
+    tmp_path = tmp_path_factory.mktemp("quick-demo")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))  # no local vgg16 weights here
+        patch.setenv("MODELKEEP_CACHE", str(tmp_path / "mk-cache"))
+        result, text = run_demo(tmp_path, quick=True)
+    return result, text, tmp_path
+
+
+def test_quick_demo_keeps_predictions_and_accuracy_identical(quick_demo) -> None:
+    result, text, tmp_path = quick_demo
     assert result.ok, text
     assert result.accuracy_before is not None and result.accuracy_before > 0.9
     assert result.accuracy_after == result.accuracy_before
@@ -37,8 +47,26 @@ def test_quick_demo_keeps_predictions_and_accuracy_identical(tmp_path, monkeypat
                  "save the whole model", "fresh process: load + predict"):
         assert step in text
     folder = tmp_path / "demo"
-    assert {"vgg16.model.safetensors", "digits.model.safetensors", "digits_test.npy"} <= set(os.listdir(folder))
+    assert {"vgg16.model.safetensors", "digits.model.safetensors", "digits_test.npy",
+            "efficientnet-lite0.model.safetensors"} <= set(os.listdir(folder))
     assert "model.pth" not in os.listdir(folder)  # --quick skips the torch side of vgg16
+
+
+def test_quick_demo_ends_on_a_real_pretrained_model(quick_demo) -> None:
+    result, text, _ = quick_demo
+    china, flower = result.pretrained_top
+    assert china[0][0] == "palace" and flower[0][0] == "daisy"
+    assert len(china) == 5 and 0.2 < china[0][1] < 1 and 0.2 < flower[0][1] < 1  # real probabilities
+    passed = [line for ok, line in result.checks if ok]
+    for check in ("scan verdict of the .pth: safe", "equal torch.load(weights_only=True)'s",
+                  "without efficientnet_lite_pytorch (imported there: none)", "equal the original model's",
+                  "modelkeep predict gives the same top-5"):
+        assert any(check in line for line in passed), check
+    # the last table a newcomer sees holds real labels, not vgg16's random ones
+    titles = [line.strip() for line in text.splitlines() if "predictions on photos" in line]
+    assert titles[0].startswith("vgg16's") and titles[-1].startswith("EfficientNet-Lite0's")
+    last_table = text[text.rindex("predictions on photos"):]
+    assert "palace" in last_table and "daisy" in last_table
 
 
 @pytest.mark.parametrize(("ok", "code"), [(True, 0), (False, 1)])

@@ -47,7 +47,6 @@ LAYERS: dict[str, int] = {
     "modelkeep.download": 4,
     "modelkeep.inference": 4,
     "modelkeep.demo": 5,
-    "modelkeep.demo_scripts": 5,
     "modelkeep.cli": 5,
     "modelkeep": 5,  # the package's __init__: the public surface
 }

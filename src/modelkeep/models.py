@@ -10,19 +10,21 @@ returns it in ``eval()``. Nothing from the file is imported or unpickled.
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any, Mapping
 
 import torch
 
 from modelkeep import errors, format, options, reading, sniff, storage, weights
-from modelkeep.arch import factories, graph, modules, names, rebuild, records, verify
+from modelkeep.arch import factories, graph, modules, names, rebuild, recognize, records, verify
 from modelkeep.inference import spec as spec_module
 from modelkeep.sources import torchsave
 from modelkeep.sources.safetensors import SafetensorsSource
 
 STRATEGIES = records.STRATEGIES
 RECIPE_ATTR = "_modelkeep_recipe"
+_log = logging.getLogger("modelkeep")
 
 _OPTIONS = (
     "options: (1) build it with modelkeep.create('torchvision:resnet18', ...) or pass "
@@ -113,6 +115,15 @@ def _modules_record(model: torch.nn.Module) -> dict[str, Any]:
     return records.new_record("modules", root=root)
 
 
+def _several(recognized: list[recognize.Recognized]) -> str:
+    """The message part naming builders that all rebuild the model (none of them is chosen)."""
+    if len(recognized) < 2:
+        return ""
+    return "; several trusted builders rebuild it, so none was chosen: " + ", ".join(
+        r.factory for r in recognized
+    )
+
+
 def _check_storable(model: torch.nn.Module) -> None:
     for name, value in model.state_dict().items():
         if not isinstance(value, torch.Tensor) or value.is_quantized:
@@ -134,6 +145,13 @@ def _plan(
         )
     _check_storable(model)
     recipe = _factory_recipe(model, factory) if strategy in (None, "factory") else None
+    recognized: list[recognize.Recognized] = []
+    if recipe is None and strategy in (None, "factory"):
+        found, recognized = recognize.recognize(model)
+        if found is not None:  # built by torchvision's or timm's own builder: record that builder
+            recipe = _factory_recipe(model, found.recipe())
+            _log.info("recorded factory %s(%s)", found.factory,
+                      ", ".join(f"{k}={v!r}" for k, v in found.kwargs.items()))
     automatic_graph = (
         strategy is None and recipe is None and example_inputs is not None and modules.unsupported(model)
     )
@@ -149,7 +167,8 @@ def _plan(
     if strategy == "factory" or recipe is not None:
         if recipe is None:
             raise errors.ArchitectureError(
-                "strategy='factory' needs factory=... or a model built by modelkeep.create",
+                "strategy='factory' needs factory=..., a model built by modelkeep.create, or one that "
+                "exactly one trusted builder rebuilds" + _several(recognized),
                 item="factory",
                 fix=_OPTIONS,
             )
@@ -160,7 +179,7 @@ def _plan(
             raise errors.ArchitectureError(
                 f"cannot record how to rebuild {type(model).__qualname__}: it is not from a trusted "
                 f"factory and not made only of torch.nn layers ({'; '.join(problems[:3])}"
-                f"{' ...' if len(problems) > 3 else ''})",
+                f"{' ...' if len(problems) > 3 else ''})" + _several(recognized),
                 item="architecture",
                 fix=_OPTIONS,
             )
@@ -200,7 +219,10 @@ def save(
     definition and no code from the file. Returns the per-tensor digests.
 
     The architecture is recorded by the first strategy that fits (or ``strategy=``): ``factory``
-    (a model from ``create`` or ``factory=``), ``modules`` (only torch.nn layers), ``graph``
+    (a model from ``create``, ``factory=``, or one built by torchvision's or timm's own builders:
+    ``torchvision.models.vgg16(weights=...)`` is recognised as the one registered builder that
+    rebuilds it, arguments such as ``num_classes`` inferred from the shapes, and the name is
+    logged on the ``modelkeep`` logger), ``modules`` (only torch.nn layers), ``graph``
     (``torch.export`` with ``example_inputs``). Every record is proven at save by rebuilding it.
 
     Args:

@@ -47,6 +47,20 @@ labels = weights.meta["categories"]
 extra = {{"top": [[[labels[i], i, p] for p, i in zip(v, ix)] for v, ix in zip(values.tolist(), indices.tolist())]}}
 """ + _REPORT
 
+PRETRAINED_MODELKEEP = """
+import sys
+sys.modules[{blocked!r}] = None  # any import of the model's own package now fails: the file must do
+""" + _PRELUDE + """
+import modelkeep as mk
+imported = time.perf_counter()
+model = mk.load({path!r})
+loaded = time.perf_counter()
+predictions = mk.predict(model, {photos!r}, topk={topk})
+done = time.perf_counter()
+extra = {{"top": [[[r.label, r.index, r.probability] for r in p.top] for p in predictions],
+          "modules": sorted(m for m in sys.modules if m.startswith({blocked!r}) and sys.modules[m] is not None)}}
+""" + _REPORT
+
 DIGITS_MODELKEEP = _PRELUDE + """
 import modelkeep as mk
 imported = time.perf_counter()
