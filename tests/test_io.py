@@ -9,6 +9,7 @@ readers, the mapping copy or the staged reader fails this module.
 
 from __future__ import annotations
 
+import mmap
 import os
 
 import numpy as np
@@ -278,6 +279,29 @@ def test_allocate_large_tensors_get_a_mapping_with_the_right_layout():
     assert big.sum().item() == 2.0 * 1024 * 2048
     strided = buffers.allocate((4, 3), torch.int64, stride=(1, 4))
     assert strided.stride() == (1, 4)
+
+
+@pytest.mark.parametrize(("balloon", "forced", "expected"), [
+    (False, None, True), (True, None, False), (True, "1", True), (False, "0", False),
+])
+def test_huge_pages_only_where_memory_is_the_machines_own(tmp_path, monkeypatch, balloon, forced, expected):
+    for name, device in [("virtio1", "0x0002"), ("virtio0", "0x0005" if balloon else "0x0001")]:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "device").write_text(device + "\n")
+    monkeypatch.setattr(buffers, "VIRTIO_DEVICES", str(tmp_path))
+    buffers._memory_is_ballooned.cache_clear()
+    monkeypatch.delenv(buffers.HUGE_PAGES_VARIABLE, raising=False)
+    if forced is not None:
+        monkeypatch.setenv(buffers.HUGE_PAGES_VARIABLE, forced)
+    try:
+        assert buffers.huge_pages() is expected
+        big = buffers.allocate((1024, 1024 + 1), torch.float32)  # over HUGE_PAGE_MIN_BYTES
+        # a huge-page tensor lives in its own page-aligned mapping; torch's allocator aligns to 64
+        assert (big.data_ptr() % mmap.PAGESIZE == 0) or not expected
+        big.fill_(1.0)
+        assert big.sum().item() == 1024 * 1025
+    finally:
+        buffers._memory_is_ballooned.cache_clear()
 
 
 def test_gc_paused_restores_the_collector_state():

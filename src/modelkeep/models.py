@@ -279,8 +279,9 @@ def load(
     factory that is neither registered, torchvision/timm, nor under a module named in ``trust`` is
     refused before any import. torch.save files of whole modules go through the legacy reader.
 
-    By default the bytes are copied into memory the engine allocates with huge pages (see
-    ``io.buffers.allocate``), which keeps outputs bit-identical to the saved model's. ``mmap=True``
+    By default the bytes are copied into fresh memory (huge pages where they help: see
+    ``io.buffers.allocate``), at least as aligned as torch's own allocator, which keeps outputs
+    bit-identical to the saved model's. ``mmap=True``
     (CPU) maps the file copy-on-write instead: a little faster to the first prediction, but
     tensors then sit at the file's offsets, whose alignment can change the last bits of some
     kernels' results, and the file must not be truncated in place while the model lives

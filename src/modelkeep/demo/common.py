@@ -63,17 +63,17 @@ def timed(skip: bool = False) -> Iterator[Clock]:
         clock.seconds = time.perf_counter() - started
 
 
-def median_seconds(action: Callable[[], Any], repeats: int = REPEATS, *, before: Callable[[], Any] | None = None) -> float:
-    """The median wall time of ``action`` over ``repeats`` runs (``before`` runs untimed first
-    each time: removing the previous run's file, say), so one noisy run does not decide a row."""
-    times = []
+def medians(*actions: Callable[[], Any], repeats: int = REPEATS) -> list[float]:
+    """The median wall time of each action over ``repeats`` rounds. Each round runs every action
+    once, in turn, so that no side always runs first (after the other's writes, or on a cold
+    cache) and one noisy run does not decide a row."""
+    times: list[list[float]] = [[] for _ in actions]
     for _ in range(repeats):
-        if before is not None:
-            before()
-        started = time.perf_counter()
-        action()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
+        for action, taken in zip(actions, times):
+            started = time.perf_counter()
+            action()
+            taken.append(time.perf_counter() - started)
+    return [statistics.median(taken) for taken in times]
 
 
 @contextlib.contextmanager

@@ -128,9 +128,10 @@ class Pretrained(common.Part):
         model = build_model()
         theirs_model = build_model()
         with self.status("loading the .pth into EfficientNet-Lite0"):
-            ours_s = common.median_seconds(lambda: mk.load_weights(model, pth), self.repeats)
-            theirs_s = common.median_seconds(
-                lambda: theirs_model.load_state_dict(torch.load(pth, weights_only=True)), self.repeats)
+            ours_s, theirs_s = common.medians(
+                lambda: mk.load_weights(model, pth),
+                lambda: theirs_model.load_state_dict(torch.load(pth, weights_only=True)),
+                repeats=self.repeats)
         steps.append(common.Step(
             "load the .pth into the model", "mk.load_weights(model, path)", ours_s,
             "model.load_state_dict(torch.load(path, weights_only=True))", theirs_s,

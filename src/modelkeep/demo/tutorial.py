@@ -81,10 +81,11 @@ class Tutorial(common.Part):
             theirs_code = f'vgg16(weights="{VGG_WEIGHTS}")' if named else "vgg16()"
         return model, common.Step("build vgg16", ours_code, ours.seconds, theirs_code, theirs.seconds, note)
 
-    def timed_pair(self, ours: Any, theirs: Any, *, before: Any = None) -> tuple[float, float | None]:
-        """Medians of modelkeep's and torch's side (torch's skipped with --quick)."""
-        ours_s = common.median_seconds(ours, self.repeats, before=before)
-        theirs_s = None if self.quick else common.median_seconds(theirs, self.repeats, before=before)
+    def timed_pair(self, ours: Any, theirs: Any) -> tuple[float, float | None]:
+        """Medians of modelkeep's and torch's side, interleaved (torch's skipped with --quick)."""
+        if self.quick:
+            return common.medians(ours, repeats=self.repeats)[0], None
+        ours_s, theirs_s = common.medians(ours, theirs, repeats=self.repeats)
         return ours_s, theirs_s
 
     def run(self) -> None:
@@ -170,19 +171,26 @@ class Tutorial(common.Part):
     def fresh_processes(
         self, model_file: str, torch_model: str
     ) -> tuple[dict[str, Any], float, dict[str, Any] | None, float | None]:
-        """Load + predict in fresh interpreters, ``repeats`` times each side: the report of the
-        median run and its wall time."""
+        """Load + predict in fresh interpreters, ``repeats`` times each side, the two sides
+        interleaved so that neither inherits the other's disk or cache state: the report of each
+        side's median run and its wall time."""
         params = dict(threads=self.threads, photos=common.photos(), topk=TOPK)
-        with self.status("loading the whole model in a fresh process and predicting"):
-            ours = _median_run(scripts.VGG_MODELKEEP.format(path=model_file, **params), self.repeats)
-        theirs: tuple[dict[str, Any] | None, float | None] = (None, None)
-        if not self.quick:
-            with self.status("torch.load of the whole model in a fresh process"):
-                theirs = _median_run(scripts.VGG_TORCH.format(path=torch_model, **params), self.repeats)
-        return ours[0], ours[1], theirs[0], theirs[1]
+        ours_script = scripts.VGG_MODELKEEP.format(path=model_file, **params)
+        theirs_script = scripts.VGG_TORCH.format(path=torch_model, **params)
+        ours, theirs = [], []
+        with self.status("loading the whole model in fresh processes and predicting"):
+            for _ in range(self.repeats):
+                ours.append(common.fresh_process(ours_script))
+                if not self.quick:
+                    theirs.append(common.fresh_process(theirs_script))
+        ours_report, ours_s = _median_run(ours)
+        if not theirs:
+            return ours_report, ours_s, None, None
+        theirs_report, theirs_s = _median_run(theirs)
+        return ours_report, ours_s, theirs_report, theirs_s
 
 
-def _median_run(script: str, repeats: int) -> tuple[dict[str, Any], float]:
-    """The run of median wall time among ``repeats`` fresh processes."""
-    runs = sorted((common.fresh_process(script) for _ in range(repeats)), key=lambda run: run[1])
-    return runs[len(runs) // 2]
+def _median_run(runs: list[tuple[dict[str, Any], float]]) -> tuple[dict[str, Any], float]:
+    """The run of median wall time."""
+    ordered = sorted(runs, key=lambda run: run[1])
+    return ordered[len(ordered) // 2]
