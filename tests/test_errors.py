@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import builtins
 import errno
+import importlib
+import pickle
 import os
 import re
 from pathlib import Path
@@ -22,7 +24,7 @@ def drawn_tree() -> list[tuple[int, str, str | None]]:
     """(depth, class name, built-in base or None) for each line of the docstring's tree."""
     rows = []
     for line in (errors.__doc__ or "").splitlines():
-        match = re.match(r"^ {4}((?:[│ ]   )*)(?:[├└]── )?([A-Z]\w+Error)(?: \((\w+)\))?", line)
+        match = re.match(r"^ {4}((?:[│ ]   )*)(?:[├└]── )?([A-Z]\w+Error)(?: \(([\w.]+)\))?", line)
         if match:
             depth = len(match.group(1)) // 4 + (1 if "──" in line else 0)
             rows.append((depth, match.group(2), match.group(3)))
@@ -38,16 +40,18 @@ def test_the_drawn_tree_is_every_class_with_its_bases() -> None:
     for depth, name, builtin in rows:
         parents[depth:] = [name]
         expected: list[type] = [classes[parents[depth - 1]]] if depth else []
-        if builtin is not None:
-            expected.append(getattr(builtins, builtin))
+        if builtin is not None:  # a built-in, or a dotted name such as pickle.UnpicklingError
+            module, _, attr = builtin.rpartition(".")
+            expected.append(getattr(importlib.import_module(module) if module else builtins, attr))
         assert list(classes[name].__bases__) == expected, name
 
 
 def test_the_tree_parser_sees_nesting() -> None:
     rows = {name: (depth, builtin) for depth, name, builtin in drawn_tree()}
     assert rows["ModelkeepError"] == (0, "Exception")
-    assert rows["UnsafeContentError"] == (2, None)
-    assert rows["StepNotFoundError"] == (2, "FileNotFoundError")
+    assert rows["UnsafeContentError"] == (2, "pickle.UnpicklingError")
+    assert rows["MissingFileError"] == (2, "FileNotFoundError")
+    assert rows["StepNotFoundError"] == (3, None)
 
 
 def test_every_class_is_exported_at_the_top() -> None:
@@ -91,23 +95,25 @@ def test_key_mismatch_error_carries_the_load_report(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    ("code", "words", "fix"),
+    ("code", "words", "fix", "cls"),
     [
-        (errno.ENOENT, "no such file", "check the path"),
-        (errno.EISDIR, "is a folder, not a file", "name a file"),
-        (errno.EACCES, "permission denied", "permissions"),
-        (errno.EPERM, "not permitted", "permissions"),
-        (errno.ENOSPC, "No space left", "free disk space"),
-        (errno.EDQUOT, os.strerror(errno.EDQUOT), "free quota"),
-        (errno.EFBIG, os.strerror(errno.EFBIG), "ulimit -f"),
-        (errno.EROFS, "read-only file system", "writable location"),
-        (errno.EIO, "Input/output error", "I/O error"),
+        (errno.ENOENT, "no such file", "check the path", mk.MissingFileError),
+        (errno.EISDIR, "is a folder, not a file", "name a file", mk.IsAFolderError),
+        (errno.ENOTDIR, "not a folder", "check the path", mk.NotAFolderError),
+        (errno.EEXIST, "already exists", "another name", mk.FileExistsStorageError),
+        (errno.EACCES, "permission denied", "permissions", mk.PermissionStorageError),
+        (errno.EPERM, "not permitted", "permissions", mk.PermissionStorageError),
+        (errno.ENOSPC, "No space left", "free disk space", mk.StorageError),
+        (errno.EDQUOT, os.strerror(errno.EDQUOT), "free quota", mk.StorageError),
+        (errno.EFBIG, os.strerror(errno.EFBIG), "ulimit -f", mk.StorageError),
+        (errno.EROFS, "read-only file system", "writable location", mk.StorageError),
+        (errno.EIO, "Input/output error", "I/O error", mk.StorageError),
     ],
 )
-def test_storage_error_says_the_reason_and_fix_per_errno(code: int, words: str, fix: str) -> None:
+def test_storage_error_says_the_reason_and_fix_per_errno(code: int, words: str, fix: str, cls: type) -> None:
     cause = OSError(code, os.strerror(code))
     error = errors.storage_error(cause, "/data/w.safetensors", "writing")
-    assert type(error) is mk.StorageError
+    assert type(error) is cls  # the most specific class, so the built-in ``except`` clauses work
     assert error.path == "/data/w.safetensors" and error.errno == code
     assert error.what.startswith("writing failed: ") and words in error.what
     assert error.fix is not None and fix in error.fix
@@ -123,6 +129,32 @@ def test_backend_errors_without_errno_are_mapped_by_class() -> None:
     # fsspec backends raise the built-in subclasses with only a message.
     error = errors.storage_error(FileNotFoundError("memory://x/y"), "memory://x/y", "reading")
     assert "no such file" in error.what and error.errno == errno.ENOENT
+    assert isinstance(error, FileNotFoundError)
+
+
+def _os_refuses(path: str) -> bool:
+    try:
+        with open(path, "rb") as stream:
+            stream.read(1)
+    except PermissionError:
+        return True
+    except OSError:
+        return False
+    return False
+
+
+def test_code_written_around_torch_load_catches_ours(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError):
+        mk.read(tmp_path / "missing.pth")
+    with pytest.raises(FileNotFoundError):
+        mk.load_state_dict(str(tmp_path / "missing.safetensors"))
+    if _os_refuses("/proc/1/mem"):  # refused even to root (another process's memory)
+        with pytest.raises(PermissionError):
+            mk.read("/proc/1/mem")
+    path = tmp_path / "evil.pth"
+    path.write_bytes(b"\x80\x02cos\nsystem\nq\x00X\x02\x00\x00\x00idq\x01\x85q\x02Rq\x03.")
+    with pytest.raises(pickle.UnpicklingError):  # as torch.load(weights_only=True) raises
+        mk.read(path)
     assert "permission denied" in errors.storage_error(PermissionError("no"), "p", "listing").what
     plain = errors.storage_error(RuntimeError("bucket gone"), "s3://b", "listing")
     assert plain.what == "listing failed: bucket gone" and plain.errno is None

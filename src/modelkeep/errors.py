@@ -6,19 +6,27 @@ written against torch or the standard library already catches::
 
     ModelkeepError (Exception)
     ├── FormatError (ValueError)               the bytes are not a valid file of a supported format
-    │   └── UnsafeContentError                 the file asks for code to run (pickle globals, ...)
+    │   └── UnsafeContentError (pickle.UnpicklingError)  the file asks for code to run (pickle globals, ...)
     ├── IntegrityError (ValueError)            stored digests or expected hashes do not match
     ├── KeyMismatchError (KeyError)            file and model disagree on names or shapes
     ├── ArchitectureError (TypeError)          a model cannot be recorded or rebuilt safely
     ├── UnsupportedValueError (TypeError)      a value cannot be saved in this kind of file
     ├── InvalidArgumentError (ValueError)      an argument is out of its allowed values
     └── StorageError (OSError)                 the file system or object store failed
-        ├── StepExistsError (FileExistsError)      a checkpoint step is already saved
-        └── StepNotFoundError (FileNotFoundError)  no committed checkpoint for the step asked
+        ├── MissingFileError (FileNotFoundError)       no such file or folder
+        │   └── StepNotFoundError                      no committed checkpoint for the step asked
+        ├── FileExistsStorageError (FileExistsError)   the name is taken
+        │   └── StepExistsError                        a checkpoint step is already saved
+        ├── PermissionStorageError (PermissionError)   the OS refused access
+        ├── IsAFolderError (IsADirectoryError)         a folder where a file was needed
+        └── NotAFolderError (NotADirectoryError)       a file where a folder was needed
 
 OS errors are turned into ``StorageError`` at the boundary, by :func:`map_os_errors` (a context
 manager) or :func:`storage_error` (for an ``except`` clause), never by hand: the reason and the fix
-for each errno (ENOENT, EACCES, ENOSPC, EDQUOT, EFBIG, EROFS, ...) are written once, below.
+for each errno (ENOENT, EACCES, ENOSPC, EDQUOT, EFBIG, EROFS, ...) are written once, below, and the
+error is of the most specific class, so ``except FileNotFoundError`` around ``modelkeep.read``
+works as it does around ``torch.load``; likewise ``except pickle.UnpicklingError`` catches a
+refused global, as it catches torch's ``weights_only`` refusals.
 """
 
 from __future__ import annotations
@@ -26,15 +34,21 @@ from __future__ import annotations
 import contextlib
 import errno as errnos
 import os
+import pickle
 from typing import Any, Iterator
 
 __all__ = [
     "ArchitectureError",
+    "FileExistsStorageError",
     "FormatError",
     "IntegrityError",
     "InvalidArgumentError",
+    "IsAFolderError",
     "KeyMismatchError",
+    "MissingFileError",
     "ModelkeepError",
+    "NotAFolderError",
+    "PermissionStorageError",
     "StepExistsError",
     "StepNotFoundError",
     "StorageError",
@@ -84,7 +98,7 @@ class FormatError(ModelkeepError, ValueError):
     """The file is not a valid file of any format modelkeep reads."""
 
 
-class UnsafeContentError(FormatError):
+class UnsafeContentError(FormatError, pickle.UnpicklingError):
     """The file would need code to run (an untrusted pickle global, an untrusted factory)."""
 
     globals: list[tuple[str, list[str]]]
@@ -149,11 +163,31 @@ class StorageError(ModelkeepError, OSError):
     """
 
 
-class StepExistsError(StorageError, FileExistsError):
+class MissingFileError(StorageError, FileNotFoundError):
+    """No such file or folder (ENOENT)."""
+
+
+class FileExistsStorageError(StorageError, FileExistsError):
+    """The name is already taken (EEXIST)."""
+
+
+class PermissionStorageError(StorageError, PermissionError):
+    """The OS refused access (EACCES, EPERM)."""
+
+
+class IsAFolderError(StorageError, IsADirectoryError):
+    """A folder was found where a file was needed (EISDIR)."""
+
+
+class NotAFolderError(StorageError, NotADirectoryError):
+    """A part of the path is a file where a folder was needed (ENOTDIR)."""
+
+
+class StepExistsError(FileExistsStorageError):
     """A checkpoint step is already saved and ``overwrite`` was not asked for."""
 
 
-class StepNotFoundError(StorageError, FileNotFoundError):
+class StepNotFoundError(MissingFileError):
     """There is no committed checkpoint for the step asked for (or none at all)."""
 
 
@@ -183,6 +217,15 @@ _BY_CLASS: tuple[tuple[type[OSError], int], ...] = (
     (PermissionError, errnos.EACCES),
 )
 _DEFAULT_FIX = "check the path, the disk or the store, then retry"
+# errno -> the most specific class; any other errno gives a plain StorageError.
+_CLASS_BY_ERRNO: dict[int, type[StorageError]] = {
+    errnos.ENOENT: MissingFileError,
+    errnos.EEXIST: FileExistsStorageError,
+    errnos.EACCES: PermissionStorageError,
+    errnos.EPERM: PermissionStorageError,
+    errnos.EISDIR: IsAFolderError,
+    errnos.ENOTDIR: NotAFolderError,
+}
 
 
 def storage_error(e: BaseException, path: PathArg, action: str) -> StorageError:
@@ -196,8 +239,9 @@ def storage_error(e: BaseException, path: PathArg, action: str) -> StorageError:
             ``"deleting"``, ``"listing"``, ...
 
     Returns:
-        A plain StorageError whose message is ``"{action} failed: {reason}"`` with the fix for the
-        errno, and whose ``errno`` is ``e``'s; or ``e`` itself when it is a ModelkeepError.
+        A StorageError of the most specific class for the errno (``MissingFileError`` for
+        ENOENT, ...), whose message is ``"{action} failed: {reason}"`` with the fix for the errno,
+        and whose ``errno`` is ``e``'s; or ``e`` itself when it is a ModelkeepError.
     """
     if isinstance(e, ModelkeepError):
         return e  # type: ignore[return-value]  # already says what and how to fix it
@@ -207,7 +251,8 @@ def storage_error(e: BaseException, path: PathArg, action: str) -> StorageError:
     known = _BY_ERRNO.get(code) if isinstance(code, int) else None
     own_words = getattr(e, "strerror", None) or str(e) or type(e).__name__
     reason = (known[0] if known else None) or own_words
-    error = StorageError(f"{action} failed: {reason}", path=path, fix=known[1] if known else _DEFAULT_FIX)
+    cls = _CLASS_BY_ERRNO.get(code, StorageError) if isinstance(code, int) else StorageError
+    error = cls(f"{action} failed: {reason}", path=path, fix=known[1] if known else _DEFAULT_FIX)
     error.errno = code if isinstance(code, int) else None
     return error
 

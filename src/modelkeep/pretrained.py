@@ -317,7 +317,7 @@ def fetch(
         if path is not None:
             source = os.fspath(path)
             if not os.path.isfile(source):
-                raise errors.StorageError("no such file", path=source, fix="check the weights path")
+                raise errors.MissingFileError("no such file", path=source, fix="check the weights path")
             if sniffing.sniff(source) == "safetensors":
                 return source  # already in the safe format: read it in place
             _convert(source, cached, entry, check_hash(source, entry, source="file given as path"))

@@ -55,7 +55,7 @@ class LocalStorage(Storage):
         final = os.path.realpath(final)  # a symlink is written through: its target is replaced
         folder = os.path.dirname(final)
         if not os.path.isdir(folder):
-            raise errors.StorageError("folder does not exist", path=final, fix=f"create {folder} first")
+            raise errors.MissingFileError("folder does not exist", path=final, fix=f"create {folder} first")
         atomic.remove_stale_temps(final)
         temp = atomic.temp_path_for(final)
         with errors.map_os_errors(final, "writing"):
