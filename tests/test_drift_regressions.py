@@ -141,3 +141,24 @@ def test_create_loads_weights_registered_for_a_detection_builder(tmp_path) -> No
     assert spec_module.attached(model).labels == ("background", "cat", "dog")
     with pytest.raises(mk.ArchitectureError):
         mk.create(DETECTION, weights="NOT_REGISTERED", num_classes=3)
+
+
+def test_the_collector_is_paused_while_a_model_fills(tmp_path, monkeypatch) -> None:
+    """The pause belongs on the fill (``weights.load_into``), which ``mk.load`` uses too."""
+    import gc
+
+    from modelkeep.sources import safetensors as safetensors_source
+
+    seen: list[bool] = []
+    original = safetensors_source.SafetensorsSource.read_into
+
+    def spy(self, *args, **kwargs):
+        seen.append(gc.isenabled())
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(safetensors_source.SafetensorsSource, "read_into", spy)
+    path = tmp_path / "m.safetensors"
+    mk.save(torch.nn.Sequential(torch.nn.Linear(2, 2)), path)
+    mk.load(path)
+    mk.load_weights(torch.nn.Sequential(torch.nn.Linear(2, 2)), path)
+    assert seen == [False, False] and gc.isenabled()

@@ -10,6 +10,7 @@ legacy pickle reader looked at it.
 
 from __future__ import annotations
 
+import codecs
 import dataclasses
 import re
 from typing import Iterable, Literal
@@ -56,11 +57,17 @@ class ReadOptions:
         on_unknown: ``"error"`` refuses a file naming any other global; ``"placeholder"`` keeps
             such objects as inert placeholders so the tensors can still be rescued.
         limits: bounds on the work one file may cause.
+        encoding: how Python 2 byte strings in old pickles become text (pickle's and torch.load's
+            ``encoding=``): a codec name, or ``"bytes"`` to keep them as bytes.
+        mmap: tensor data of torch.save zip files on disk is a private mapping of the file
+            (torch.load's ``mmap=True``) instead of a copy in memory.
     """
 
     trust: tuple[str, ...] = ()
     on_unknown: OnUnknown = "error"
     limits: Limits = DEFAULT_LIMITS
+    encoding: str = "utf-8"
+    mmap: bool = False
 
     def __post_init__(self) -> None:
         for name in self.trust:
@@ -76,6 +83,15 @@ class ReadOptions:
                 item="on_unknown",
                 fix='pass on_unknown="error" (refuse unknown globals) or "placeholder" (keep them inert)',
             )
+        if not isinstance(self.encoding, str) or (self.encoding != "bytes" and not _is_codec(self.encoding)):
+            raise errors.InvalidArgumentError(
+                f"encoding={self.encoding!r} is not a text codec", item="encoding",
+                fix="pass encoding='utf-8' (default), 'latin1', 'ASCII' or 'bytes'",
+            )
+        if not isinstance(self.mmap, bool):
+            raise errors.InvalidArgumentError(
+                f"mmap must be True or False, not {type(self.mmap).__name__}", item="mmap", fix="pass mmap=True"
+            )
         if not isinstance(self.limits, Limits):
             raise errors.UnsupportedValueError(
                 f"limits must be a modelkeep.options.Limits, not {type(self.limits).__name__}",
@@ -84,13 +100,42 @@ class ReadOptions:
             )
 
 
+def _is_codec(name: str) -> bool:
+    try:
+        return codecs.lookup(name)._is_text_encoding  # type: ignore[attr-defined]
+    except LookupError:
+        return False
+
+
 DEFAULT_READ_OPTIONS = ReadOptions()
+
+
+def torch_safe_globals() -> tuple[str, ...]:
+    """The dotted names of what ``torch.serialization.add_safe_globals`` (or the
+    ``safe_globals`` context manager) allowed in this process: modelkeep trusts them too."""
+    import sys
+
+    serialization = sys.modules.get("torch.serialization")
+    if serialization is None:
+        return ()
+    names = []
+    for entry in serialization.get_safe_globals():
+        if isinstance(entry, tuple) and len(entry) == 2 and isinstance(entry[1], str):
+            names.append(entry[1])  # (object, "the.name.files.use")
+        else:
+            module, qualname = getattr(entry, "__module__", None), getattr(entry, "__qualname__", None)
+            if isinstance(module, str) and isinstance(qualname, str):
+                names.append(f"{module}.{qualname}")
+    return tuple(name for name in names if _DOTTED.fullmatch(name))
 
 
 def read_options(
     trust: Iterable[str] | str = (),
     on_unknown: str = "error",
     limits: Limits | None = None,
+    *,
+    encoding: str = "utf-8",
+    mmap: bool = False,
 ) -> ReadOptions:
     """The checked :class:`ReadOptions` for a public function's keyword arguments.
 
@@ -98,14 +143,20 @@ def read_options(
         trust: one dotted name or an iterable of them.
         on_unknown: ``"error"`` or ``"placeholder"``.
         limits: bounds on the reader's work; the defaults when None.
+        encoding: pickle's ``encoding=`` for Python 2 strings (a codec name or ``"bytes"``).
+        mmap: map torch.save zip files' tensor data instead of copying it.
 
     Returns:
         A frozen ReadOptions (the shared default instance when every argument is a default).
 
     Raises:
-        UnsupportedValueError: an argument is not one of the accepted values.
+        UnsupportedValueError: ``trust``, ``on_unknown`` or ``limits`` is not an accepted value.
+        InvalidArgumentError: ``encoding`` or ``mmap`` is not.
     """
     names = (trust,) if isinstance(trust, str) else tuple(trust)
-    if not names and on_unknown == "error" and limits is None:
+    if not names and on_unknown == "error" and limits is None and encoding == "utf-8" and mmap is False:
         return DEFAULT_READ_OPTIONS
-    return ReadOptions(names, on_unknown, limits if limits is not None else DEFAULT_LIMITS)  # type: ignore[arg-type]
+    return ReadOptions(
+        names, on_unknown, limits if limits is not None else DEFAULT_LIMITS,  # type: ignore[arg-type]
+        encoding=encoding, mmap=mmap,
+    )

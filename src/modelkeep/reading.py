@@ -21,16 +21,52 @@ import os
 from typing import Any, Iterable, Mapping
 
 from modelkeep import errors, format, sniff, storage
-from modelkeep.options import DEFAULT_READ_OPTIONS, Limits, ReadOptions, read_options
+from modelkeep.io import placement
+from modelkeep.options import DEFAULT_READ_OPTIONS, Limits, ReadOptions, read_options, torch_safe_globals
 from modelkeep.sources import checkpoint, sharded, torchsave
 from modelkeep.sources.base import TensorSource
 from modelkeep.sources.safetensors import SafetensorsSource
+from modelkeep.storage import buffer
 
 Location = str | os.PathLike[str]
+Source = Any  # a Location, bytes-like, or a binary file object: what torch.load takes
+
+
+def resolve(source: Source, storage_options: Mapping[str, Any] | None = None) -> tuple[storage.Storage, str]:
+    """The storage and path of anything ``torch.load`` takes, or an fsspec URL.
+
+    A path or URL resolves as every operation resolves it (``storage.resolve``). Bytes and binary
+    file objects become a :class:`~modelkeep.storage.buffer.BufferStorage` read from the file
+    object's position; a safetensors file in a stream is cut where it ends, so that what follows
+    it is left for the next read.
+
+    Raises:
+        InvalidArgumentError: ``source`` is none of these (or a text-mode file object).
+        StorageError: the location or stream cannot be read.
+    """
+    if buffer.is_buffer(source) or buffer.is_file_object(source):
+        store, name = buffer.from_object(source)
+        if sniff.kind_of_head(store.data[: sniff.HEAD_BYTES]) == "safetensors":
+            end = buffer.safetensors_length(store.data)
+            if end is not None and end < len(store.data):
+                store = store.trimmed(end)
+        return store, name
+    if not isinstance(source, (str, os.PathLike)):
+        raise errors.InvalidArgumentError(
+            f"cannot read from a {type(source).__name__}", item="f",
+            fix="pass a path, an fsspec URL, bytes, or a binary file object (open(path, 'rb'), io.BytesIO)",
+        )
+    return storage.resolve(source, storage_options)
+
+
+def settle(store: storage.Storage, end: int | None) -> None:
+    """After a read from a file object: leave it right after the object (``end``, or all)."""
+    if isinstance(store, buffer.BufferStorage):
+        store.settle(end)
 
 
 def open_source(
-    location: Location,
+    location: Source,
     options: ReadOptions = DEFAULT_READ_OPTIONS,
     *,
     storage_options: Mapping[str, Any] | None = None,
@@ -38,7 +74,8 @@ def open_source(
     """The named tensors of any supported file or sharded folder, on any storage.
 
     Args:
-        location: a path or fsspec URL of a file, a model folder or a shard index.
+        location: a path or fsspec URL of a file, a model folder or a shard index; or bytes or a
+            binary file object holding one file (left positioned right after it).
         options: how torch.save files may be read (built by ``options.read_options``).
         storage_options: for the fsspec file system of a URL.
 
@@ -49,8 +86,10 @@ def open_source(
         StorageError: the location cannot be read.
         FormatError: the file is not valid (UnsafeContentError: it names untrusted code).
     """
-    store, path = storage.resolve(location, storage_options)
-    return open_in(store, path, options)
+    store, path = resolve(location, storage_options)
+    source = open_in(store, path, options)
+    settle(store, getattr(source, "end", None))
+    return source
 
 
 def open_in(store: storage.Storage, path: str, options: ReadOptions = DEFAULT_READ_OPTIONS) -> TensorSource:
@@ -102,14 +141,21 @@ def header_in(store: storage.Storage, path: str) -> format.Header:
 
 
 def read(
-    location: Location,
+    f: Source,
+    map_location: placement.MapLocation = None,
+    pickle_module: Any = None,
     *,
+    weights_only: bool | None = None,
+    mmap: bool | None = None,
+    encoding: str = "utf-8",
     trust: Iterable[str] | str = (),
     on_unknown: str = "error",
     limits: Limits | None = None,
     storage_options: Mapping[str, Any] | None = None,
 ) -> Any:
-    """The data of any supported file, built without running anything from it.
+    """The safe ``torch.load``: the data of any supported file, built without running anything
+    from it. Takes what ``torch.load`` takes, with torch's meaning (see the README's "from
+    torch.load" table).
 
     * torch.save files (zip, stream, pre-1.0 tar, plain pickles): what ``torch.load`` would
       return (see ``modelkeep.legacy.read``).
@@ -118,7 +164,22 @@ def read(
     * safetensors/modelkeep files and sharded folders: the state dict.
 
     Args:
-        location: a path or fsspec URL.
+        f: a path, an ``os.PathLike``, an fsspec URL, ``bytes``/``bytearray``/``memoryview``, or
+            a binary file object (an open file at any position, ``io.BytesIO``, a zip member, a
+            stream that cannot seek). A file object is left right after the object read, so
+            objects saved one after another into one stream read one after another.
+        map_location: as torch's: None, ``"cpu"``/``"cuda:0"``/``"meta"``, a ``torch.device``,
+            a dict remapping locations, or ``(storage, location) -> storage``. Tensors that
+            share a storage share one after the move (``modelkeep.io.placement``).
+        pickle_module: accepted for torch.load's signature and ignored: modelkeep never uses
+            Python's unpickler.
+        weights_only: accepted and ignored: nothing in a file is ever run, whatever it says;
+            classes beyond plain data are rebuilt only when trusted (``trust``, or torch's own
+            ``add_safe_globals``/``safe_globals`` allowlist, which is honoured).
+        mmap: as torch's: tensor data of a torch.save zip file on disk is a private mapping of
+            the file, not a copy (other kinds read as usual).
+        encoding: as pickle's, for Python 2 strings in old files: a codec (``"latin1"``,
+            ``"ASCII"``) or ``"bytes"``; the default keeps non-UTF-8 strings as bytes.
         trust: extra dotted namespaces or class names whose pickled objects may be rebuilt
             (``torch.nn``, ``torchvision.models`` and ``torchvision.ops`` always are).
         on_unknown: ``"error"`` refuses any other global (UnsafeContentError listing each with
@@ -130,17 +191,37 @@ def read(
         Nested dicts, lists, numbers, strings, tensors and numpy arrays.
 
     Raises:
-        StorageError, FormatError, UnsafeContentError, IntegrityError: see ``open_source``.
-        UnsupportedValueError: an argument is invalid.
+        MissingFileError: no such file (a ``FileNotFoundError``, as torch.load raises).
+        UnsafeContentError: the file names untrusted code (a ``pickle.UnpicklingError``).
+        StorageError, FormatError, IntegrityError: see ``open_source``.
+        UnsupportedValueError, InvalidArgumentError: an argument is invalid.
+
+    Example:
+        >>> import io, torch
+        >>> stream = io.BytesIO()
+        >>> torch.save({"w": torch.ones(2)}, stream)
+        >>> _ = stream.seek(0)
+        >>> read(stream, map_location="cpu")
+        {'w': tensor([1., 1.])}
     """
-    options = read_options(trust, on_unknown, limits)
-    store, path = storage.resolve(location, storage_options)
+    del pickle_module, weights_only  # accepted for torch.load's signature; see the docstring
+    placement.check(map_location)
+    names = (trust,) if isinstance(trust, str) else tuple(trust)
+    options = read_options(names + torch_safe_globals(), on_unknown, limits, encoding=encoding, mmap=bool(mmap))
+    store, path = resolve(f, storage_options)
+    value, end = _read_in(store, path, options)
+    settle(store, end)
+    return placement.move(value, map_location)
+
+
+def _read_in(store: storage.Storage, path: str, options: ReadOptions) -> tuple[Any, int | None]:
+    """What ``read`` returns for a resolved location, and where the object ends (None: all)."""
     kind = sniff.sniff(path, store)
     if kind in ("zip", "tar", "pickle"):
         return torchsave.read(store, path, options)
     if kind == "safetensors":
         header = store.read_header(path)
         if checkpoint.is_checkpoint(header):
-            return checkpoint.read_checkpoint(store, path, header=header)[1]
-        return SafetensorsSource(store, path, header).tensors()  # the header is read once
-    return open_in(store, path, options).tensors()
+            return checkpoint.read_checkpoint(store, path, header=header)[1], None
+        return SafetensorsSource(store, path, header).tensors(), None  # the header is read once
+    return open_in(store, path, options).tensors(), None

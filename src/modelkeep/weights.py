@@ -288,7 +288,6 @@ def _mismatch_error(path: str, report: LoadReport, file_names: list[str]) -> err
     )
 
 
-@buffers.gc_paused()  # ~10^5 short-lived objects for a 20,000-tensor model: see buffers.gc_paused
 def check_dtype(dtype: torch.dtype | None) -> None:
     """Refuse a ``dtype=`` that would turn a model's weights into integers or booleans."""
     if dtype is not None and not (dtype.is_floating_point or dtype.is_complex):
@@ -299,6 +298,7 @@ def check_dtype(dtype: torch.dtype | None) -> None:
         )
 
 
+@buffers.gc_paused()  # ~10^5 short-lived objects for a 20,000-tensor model: see buffers.gc_paused
 def load_into(
     model: torch.nn.Module,
     source: TensorSource,

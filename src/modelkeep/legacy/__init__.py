@@ -8,7 +8,7 @@ a file names; ``policy`` and ``builders`` decide what each global may mean.
 """
 
 from modelkeep.legacy.loader import sniff
-from modelkeep.legacy.reader import LegacyWeights, open_weights, read, read_module, read_state_dict
+from modelkeep.legacy.reader import LegacyWeights, open_weights, read, read_module, read_object, read_state_dict
 from modelkeep.legacy.records import Placeholder, Record
 from modelkeep.legacy.trusted import DEFAULT_TRUST
 from modelkeep.legacy.limits import DEFAULT_LIMITS, Limits
@@ -23,6 +23,7 @@ __all__ = [
     "open_weights",
     "read",
     "read_module",
+    "read_object",
     "read_state_dict",
     "sniff",
 ]

@@ -38,6 +38,7 @@ class Contents:
     constants: Any = None
     script_code: dict[str, str] | None = None
     loader: tensors.StorageLoader | None = None
+    end: int | None = None  # where the object ends in a stream-format file (None: the whole file)
 
 
 def sniff(path: str) -> str | None:
@@ -50,15 +51,18 @@ class _Context:
     """Settings shared by every pickle of one read (and of archives nested inside it)."""
 
     def __init__(self, path: str, mode: str, trust: trusted.Trust, on_unknown: str, limits: Limits,
-                 check_crc: bool, threads: int | None, sightings: list[Sighting] | None = None) -> None:
+                 check_crc: bool, threads: int | None, sightings: list[Sighting] | None = None,
+                 encoding: str = "utf-8", mmap: bool = False) -> None:
         self.path = path
+        self.encoding = encoding
         self.mode = mode
         self.trust = trust
         self.on_unknown = on_unknown
         self.limits = limits
         self.offences: list[Offence] = []
         self.sightings = sightings
-        self.loader = tensors.StorageLoader(check_crc=check_crc, threads=threads)
+        self.loader = tensors.StorageLoader(check_crc=check_crc, threads=threads, mmap=mmap)
+        self.stream_end: int | None = None  # the top-level stream's end: bytes after it are not its
 
     def policy(self, mode: str, storages: StorageProvider | None, item: str, *, torchscript: bool = False,
                depth: int = 0) -> Policy:
@@ -66,6 +70,7 @@ class _Context:
             mode=mode, trust=self.trust, on_unknown=self.on_unknown, limits=self.limits, path=self.path,
             item=item, storages=storages, loader=self.loader, torchscript=torchscript,
             offences=self.offences, depth=depth, nested=self._nested, sightings=self.sightings,
+            encoding=self.encoding,
         )
 
     def run(self, data: Any, start: int, policy: Policy) -> tuple[Any, int]:
@@ -147,13 +152,16 @@ def read_contents(
     check_crc: bool = True,
     threads: int | None = None,
     sightings: list[Sighting] | None = None,
+    encoding: str = "utf-8",
+    mmap: bool = False,
 ) -> Contents:
     """Read the torch.save/torch.jit.save file at ``path`` without running anything from it.
 
     ``sightings``, when given, collects every global the pickles name (``modelkeep scan``).
     """
     path = os.fspath(path)
-    ctx = _Context(path, mode, trust or trusted.Trust(), on_unknown, limits, check_crc, threads, sightings)
+    ctx = _Context(path, mode, trust or trusted.Trust(), on_unknown, limits, check_crc, threads, sightings,
+                   encoding=encoding, mmap=mmap)
     kind = sniff(path)
     if kind == "zip":
         contents = _read_zip(ctx)
@@ -206,7 +214,7 @@ def _read_pickle_file(ctx: _Context) -> Contents:
             raise errors.FormatError("the file is empty", path=ctx.path, fix="re-download it")
         with mmap.mmap(stream.fileno(), 0, access=mmap.ACCESS_READ) as data:
             value, container, _ = read_stream(ctx, data, memory=False, item=None, mode=ctx.mode, depth=0)
-    return Contents(ctx.path, value, container)
+    return Contents(ctx.path, value, container, end=ctx.stream_end)
 
 
 def read_stream(ctx: _Context, data: Any, *, memory: bool, item: str | None, mode: str,
@@ -246,6 +254,8 @@ def read_stream(ctx: _Context, data: Any, *, memory: bool, item: str | None, mod
     storages_end = storages.layout(keys, storage_start)
     if memory:  # a nested archive is exactly the bytes torch.save wrote
         ctx.whole(storages_end, len(data), main_item, "the nested archive's last storage")
+    elif depth == 0:  # a top-level stream may be followed by more objects (torch.save into one file)
+        ctx.stream_end = storages_end
     if mode == VALUES:
         ctx.loader.preload(list(storages.blobs.values()))
         policy = ctx.policy(VALUES, storages, main_item, depth=depth)

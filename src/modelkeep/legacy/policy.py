@@ -93,6 +93,7 @@ class Policy:
         offences: list[Offence] | None = None,
         depth: int = 0,
         sightings: list[Sighting] | None = None,
+        encoding: str = "utf-8",
     ) -> None:
         if on_unknown not in ON_UNKNOWN:
             raise errors.UnsupportedValueError(
@@ -112,6 +113,7 @@ class Policy:
         self.offences: list[Offence] = offences if offences is not None else []
         self.sightings = sightings
         self.depth = depth
+        self.encoding = encoding  # how Python 2 byte strings become text (pickle's encoding=)
         self.machine: Any = None
         self._registered: dict[int, tuple[Any, str]] = {}
         self._trusted_ids: dict[int, Any] = {}

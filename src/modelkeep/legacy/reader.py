@@ -19,8 +19,21 @@ MODULE_KEYS = conventions.MODEL_KEYS  # one list for every reader (modelkeep.con
 def _contents(path: str | os.PathLike[str], mode: str, options: ReadOptions) -> loader.Contents:
     return loader.read_contents(
         os.fspath(path), mode=mode, trust=trusted.Trust(options.trust), on_unknown=options.on_unknown,
-        limits=options.limits,
+        limits=options.limits, encoding=options.encoding, mmap=options.mmap,
     )
+
+
+def read_object(
+    path: str | os.PathLike[str],
+    *,
+    options: ReadOptions = DEFAULT_READ_OPTIONS,
+) -> tuple[Any, int | None]:
+    """:func:`read`, and where the object ends in a stream-format file whose bytes go on (several
+    objects saved into one stream); None where the object is the whole file."""
+    contents = _contents(path, VALUES, options)
+    if contents.container == "torchscript":
+        return {"data": contents.value, "constants": contents.constants}, None
+    return contents.value, contents.end
 
 
 def read(
@@ -36,10 +49,7 @@ def read(
     becomes an inert ``Placeholder``. A TorchScript archive reads as
     ``{"data": <module record>, "constants": <tuple>}``.
     """
-    contents = _contents(path, VALUES, options)
-    if contents.container == "torchscript":
-        return {"data": contents.value, "constants": contents.constants}
-    return contents.value
+    return read_object(path, options=options)[0]
 
 
 class LegacyWeights:
@@ -50,6 +60,7 @@ class LegacyWeights:
         self.path = contents.path
         self.container = contents.container
         self.source_key = source_key
+        self.end = contents.end  # where the object ends when more bytes follow it, else None
         self._entries = state
         self._loader = contents.loader
 

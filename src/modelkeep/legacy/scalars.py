@@ -115,10 +115,19 @@ class ScalarOps:
 
     # strings
     def _string(self, raw: bytes) -> Any:
+        """A Python 2 byte string, as pickle's ``encoding=`` says: ``"bytes"`` keeps it as bytes,
+        another codec decodes it strictly. The default, utf-8, keeps what is not UTF-8 as bytes
+        (numpy's Python 2 buffers) where pickle and torch would fail."""
+        encoding = getattr(self.policy, "encoding", "utf-8")
+        if encoding == "bytes":
+            return raw
         try:
-            return raw.decode("utf-8")
+            return raw.decode(encoding)
         except UnicodeDecodeError:
-            return raw  # Python 2 byte strings that are not text stay bytes
+            if encoding.lower().replace("-", "") in ("utf8",):
+                return raw  # Python 2 byte strings that are not text stay bytes
+            raise self.error(f"a Python 2 string is not {encoding} text",
+                             fix="pass encoding='latin1' (or 'bytes' to keep such strings as bytes)")
 
     def op_string(self) -> None:
         line = self._line()

@@ -223,16 +223,36 @@ def check_view(
 class StorageLoader:
     """Reads each blob once (CRC-checked, byte-swapped) and builds tensors over it."""
 
-    def __init__(self, *, check_crc: bool = True, threads: int | None = None) -> None:
+    def __init__(self, *, check_crc: bool = True, threads: int | None = None, mmap: bool = False) -> None:
         self.check_crc = check_crc
         self.threads = threads
+        self.mmap = mmap
         self._loaded: dict[int, tuple[Blob, torch.Tensor]] = {}
+        self._mapped: dict[str, torch.UntypedStorage] = {}
+
+    def _mapped_bytes(self, blob: Blob) -> torch.Tensor:
+        """The blob as a view of a private read-only-in-effect mapping of its file (torch.load's
+        ``mmap=True``: ``UntypedStorage.from_file(path, shared=False)``, copy-on-write, nothing
+        read until used; the zip CRC is not checked, as torch does not)."""
+        whole = self._mapped.get(blob.path)
+        if whole is None:
+            whole = self._mapped[blob.path] = torch.UntypedStorage.from_file(
+                blob.path, shared=False, nbytes=os.path.getsize(blob.path)
+            )
+        view = torch.empty((0,), dtype=torch.uint8)
+        view.set_(whole[blob.offset : blob.offset + blob.nbytes])  # a storage of its own over the range
+        return view
 
     def bytes_of(self, blob: Blob) -> torch.Tensor:
-        """The blob as a uint8 tensor (one allocation of exactly ``blob.nbytes``)."""
+        """The blob as a uint8 tensor (one allocation of exactly ``blob.nbytes``, or a view of the
+        file's mapping with ``mmap``)."""
         cached = self._loaded.get(id(blob))
         if cached is not None:
             return cached[1]
+        if self.mmap and blob.direct and blob.nbytes:
+            data = self._mapped_bytes(blob)
+            self._loaded[id(blob)] = (blob, data)
+            return data
         data = read_blob(blob, check_crc=self.check_crc, threads=self.threads)
         self._loaded[id(blob)] = (blob, data)
         return data
@@ -240,6 +260,8 @@ class StorageLoader:
     def preload(self, blobs: list[Blob]) -> None:
         """Read many blobs at once: one parallel read for those stored plainly in a file, then
         their checksums on several threads."""
+        if self.mmap:  # mapped on first use instead
+            return
         pending = [b for b in dict.fromkeys(blobs) if id(b) not in self._loaded]
         direct = [b for b in pending if b.direct and b.nbytes]
         for blob in pending:

@@ -80,6 +80,7 @@ class TorchSaveSource:
         self._weights = weights
         self.location = location
         self.source_key: str | None = weights.source_key
+        self.end: int | None = weights.end  # where the object ends when more bytes follow it
         self._spooled = spooled
         if spooled is not None:
             weakref.finalize(self, _remove, spooled)
@@ -121,9 +122,10 @@ def _remove(path: str) -> None:
         os.unlink(path)
 
 
-def read(store: Storage, path: str, options: ReadOptions) -> Any:
-    """What ``torch.load`` would return for a torch.save file, built without running it."""
+def read(store: Storage, path: str, options: ReadOptions) -> tuple[Any, int | None]:
+    """What ``torch.load`` would return for a torch.save file, built without running it, and
+    where the object ends when more bytes follow it (a stream-format file; else None)."""
     from modelkeep import legacy
 
     with local_copy(store, path) as local, _named_as(path, local):
-        return legacy.read(local, options=options)
+        return legacy.read_object(local, options=options)

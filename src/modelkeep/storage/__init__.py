@@ -19,6 +19,8 @@ from __future__ import annotations
 import os
 from typing import Any, Mapping
 
+from modelkeep import errors
+
 from modelkeep.storage.base import (
     TEMP_SUFFIX,
     Storage,
@@ -64,7 +66,13 @@ def resolve(
 
     Raises:
         StorageError: the URL's scheme has no installed fsspec backend.
+        InvalidArgumentError: ``location`` is not a path or URL.
     """
+    if not isinstance(location, (str, os.PathLike)):
+        raise errors.InvalidArgumentError(
+            f"takes a path or an fsspec URL, not a {type(location).__name__}", item="path",
+            fix="pass a path or a URL (reads also take bytes and binary file objects)",
+        )
     location = os.fspath(location)
     if location.startswith("file://"):
         location = location[len("file://") :]
