@@ -536,7 +536,8 @@ def test_extract_weights_keeps_ties(tmp_path: Path) -> None:
 
 
 def test_convert_takes_model_weights_of_a_checkpoint(tmp_path: Path) -> None:
-    convert = pytest.importorskip("modelkeep.conversion")
+    from modelkeep import conversion as convert
+
     model, optimizer = tiny()
     path = mk.Checkpointer(tmp_path, async_save=False).save(0, model=model, optimizer=optimizer)
     convert.convert(path, tmp_path / "w.safetensors")
@@ -546,7 +547,6 @@ def test_convert_takes_model_weights_of_a_checkpoint(tmp_path: Path) -> None:
 
 
 def test_import_torch_checkpoint(tmp_path: Path) -> None:
-    pytest.importorskip("modelkeep.reading")
     model, optimizer = tiny()
     legacy = tmp_path / "legacy.pt"
     torch.save({"epoch": 5, "model_state_dict": model.state_dict(),
@@ -563,7 +563,8 @@ def test_import_torch_checkpoint(tmp_path: Path) -> None:
 
 
 def test_safe_read_returns_the_nested_state(tmp_path: Path) -> None:
-    reading = pytest.importorskip("modelkeep.reading")
+    from modelkeep import reading
+
     model, optimizer = tiny()
     path = mk.Checkpointer(tmp_path, async_save=False).save(2, model=model, optimizer=optimizer,
                                                            extra={"epoch": (1, 2)})

@@ -55,7 +55,9 @@ def test_convert_shards_with_index_readable_by_huggingface_layout(tmp_path) -> N
     index = json.loads(index_path.read_text())
     assert index["metadata"]["total_size"] == report.bytes
     shards = sorted({v for v in index["weight_map"].values()})
-    assert len(shards) >= 2 and all("-of-" in s for s in shards)
+    # 1,000-byte shards: the tied 1,600-byte embedding alone, then everything else (331 bytes)
+    assert shards == ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+    assert {n for n, s in index["weight_map"].items() if s == shards[0]} == {"embed.weight", "head.weight"}
     assert set(index["weight_map"]) == set(_state())
     # The tied pair stays in one shard, and every shard is a plain safetensors file.
     assert index["weight_map"]["head.weight"] == index["weight_map"]["embed.weight"]
