@@ -607,7 +607,7 @@ def _strictness(c: _Corpus) -> None:
         struct.pack_into("<HH", data, end + 8, count - 1, count - 1)
         write(path, bytes(data))
 
-    info = {"protocol_version": PROTOCOL_VERSION, "little_endian": False, "type_sizes": {"short": 2, "int": 4, "long": 8}}
+    info = {"protocol_version": PROTOCOL_VERSION, "little_endian": "yes", "type_sizes": {"short": 2, "int": 4, "long": 8}}
     empty = [("storages", pickle.dumps(0, protocol=2) + pickle.dumps([], protocol=2)), ("tensors", pickle.dumps(0, protocol=2))]
     c.add("polyglot_data_pkl.pt", "polyglot:trailing-bytes", "format", True, "data.pkl followed by a gadget pickle",
           lambda p: torch_zip(p, main + gadget))
@@ -619,5 +619,5 @@ def _strictness(c: _Corpus) -> None:
           lambda p: (torch_zip(p, main), write(p, open(p, "rb").read() + gadget)))
     c.add("zip_hidden_entry.pt", "zip:end-record", "format", True, "end record counts one entry less than the directory",
           hidden_entry)
-    c.add("tar_big_endian.pt", "tar:sys-info", "format", False, "tar sys_info from a big-endian machine",
+    c.add("tar_bad_byte_order.pt", "tar:sys-info", "format", False, "tar sys_info whose byte-order flag is not a flag",
           lambda p: tar_file(p, [("sys_info", pickle.dumps(info, protocol=2))] + empty + [("pickle", p2(b"N"))]))

@@ -42,13 +42,14 @@ STORAGE_TYPES = {torch.float32: "FloatStorage", torch.float64: "DoubleStorage", 
 
 
 def old_torch_save(obj: Any, path: str, *, sys_info: Any = SYS_INFO, storage_views: bool = False,
-                   trailing: dict[str, bytes] | None = None) -> None:
+                   trailing: dict[str, bytes] | None = None, string_storage_keys: bool = False) -> None:
     """The tar layout exactly as torch's ``_save`` of that era wrote it: members ``sys_info``,
     ``pickle``, ``tensors``, ``storages`` in that order, each pickled (protocol 2) into a temporary
     file and added with ``tarfile.add`` to a PAX-format tar (``_add_to_tar``). Tensors are keyed by
     a fake ``_cdata`` pointer; with ``storage_views`` a tensor that starts inside its storage is
     written on a storage view (``storage[offset:]``), as torch did for narrowed storages.
-    ``trailing`` appends bytes to members (for the refusal tests)."""
+    ``trailing`` appends bytes to members (for the refusal tests); ``string_storage_keys`` keys
+    storages (and views) by strings, as files from before torch 0.4 did."""
     tensors: dict[int, torch.Tensor] = {}
     keys: dict[int, int] = {}
     storage_keys: dict[int, int] = {}
@@ -77,10 +78,12 @@ def old_torch_save(obj: Any, path: str, *, sys_info: Any = SYS_INFO, storage_vie
         for key, tensor in tensors.items():
             pointer = tensor.untyped_storage().data_ptr()
             root = storage_keys.setdefault(pointer, 0x7700_0000 + 0x40 * len(storage_keys))
+            if string_storage_keys:
+                root = str(root)
             roots[root] = tensor
             storage_id, offset = root, tensor.storage_offset()
             if storage_views and offset:
-                storage_id = root + 1 + len(views)
+                storage_id = f"{root}v{len(views)}" if string_storage_keys else root + 1 + len(views)
                 numel = tensor.untyped_storage().nbytes() // tensor.element_size() - offset
                 views.append((storage_id, root, offset, numel))
                 offset = 0
@@ -162,7 +165,7 @@ def test_windows_long_size_and_missing_sys_info_are_accepted(tmp_path):
 @pytest.mark.parametrize(
     "info, message",
     [
-        (dict(SYS_INFO, little_endian=False), "big-endian"),
+        (dict(SYS_INFO, little_endian="yes"), "not a flag"),
         (dict(SYS_INFO, type_sizes={"short": 2, "int": 8, "long": 8}), "type sizes"),
         (dict(SYS_INFO, type_sizes={"short": 2, "int": 4}), "type sizes"),
         (dict(SYS_INFO, protocol_version=1000), "protocol version"),
@@ -179,19 +182,26 @@ def test_bad_sys_info_is_refused(tmp_path, info, message):
         assert caught.value.path == path and caught.value.fix and caught.value.item == "sys_info"
 
 
-def test_big_endian_stream_is_refused(tmp_path):
-    main = p2(checkpoint(("weight", adversarial.tensor(adversarial.storage_pid(stream=True)))))
-    good = adversarial.stream_bytes(main)
-    little = pickle.dumps({"protocol_version": 1001, "little_endian": True,
-                           "type_sizes": {"short": 2, "int": 4, "long": 4}}, protocol=2)
-    big = pickle.dumps({"protocol_version": 1001, "little_endian": False,
-                        "type_sizes": {"short": 2, "int": 4, "long": 4}}, protocol=2)
+def test_a_stream_flagged_big_endian_reads_as_torch_reads_it(tmp_path):
+    """torch stores raw storages little-endian on every machine and ignores the flag."""
+    state = sample_state()
+    stream = io.BytesIO()
+    torch.save(state, stream, _use_new_zipfile_serialization=False)
+    good = stream.getvalue()
+    little = b"little_endianq\x02\x88"  # the key, its memo slot, then NEWTRUE
     assert good.count(little) == 1
-    (tmp_path / "ok.pt").write_bytes(good)
-    assert mk.load_state_dict(tmp_path / "ok.pt")["weight"].shape == (4,)
-    (tmp_path / "big.pt").write_bytes(good.replace(little, big))
-    with pytest.raises(errors.FormatError, match="big-endian"):
-        mk.read(tmp_path / "big.pt")
+    (tmp_path / "big.pt").write_bytes(good.replace(little, little[:-1] + b"\x89"))  # NEWFALSE
+    same(mk.read(tmp_path / "big.pt"), torch.load(tmp_path / "big.pt", weights_only=True))
+    same(mk.read(tmp_path / "big.pt"), state)
+
+
+@pytest.mark.parametrize("storage_views", [False, True])
+def test_pre_0_4_tar_files_with_string_storage_keys(tmp_path, storage_views):
+    path = str(tmp_path / "old.pt")
+    state = sample_state()
+    old_torch_save(state, path, string_storage_keys=True, storage_views=storage_views)
+    same(mk.read(path), state)
+    same(mk.load_state_dict(path), {k: v for k, v in state.items() if isinstance(v, torch.Tensor)})
 
 
 def test_unexpected_tar_member_is_still_refused(tmp_path):

@@ -230,9 +230,10 @@ def check_sys_info(value: Any, path: str, item: str) -> None:
     """torch.save's system-info record (stream format and the tar ``sys_info`` member).
 
     torch writes ``{"protocol_version": 1001, "little_endian": ..., "type_sizes": {"short": 2,
-    "int": 4, "long": 8}}`` and no longer looks at it; but the storages after it are raw bytes in
-    the writer's byte order, so a file from a big-endian machine would read as garbage, and
-    other type sizes mean a machine (or a crafted file) no torch reader was built for.
+    "int": 4, "long": 8}}`` and no longer looks at it. ``little_endian`` is only checked to be a
+    flag: torch's raw storage writer stores little-endian bytes on every machine (it swaps on a
+    big-endian one), and torch reads such files whatever the flag says. Other type sizes mean a
+    machine (or a crafted file) no torch reader was built for.
 
     Args:
         value: the record as the pickle machine read it.
@@ -240,8 +241,8 @@ def check_sys_info(value: Any, path: str, item: str) -> None:
         item: where the record is (``sys_info`` member, ``system info`` pickle).
 
     Raises:
-        FormatError: the record is not such a dict, names another protocol, a big-endian
-            machine or other type sizes.
+        FormatError: the record is not such a dict, names another protocol, has a byte-order
+            flag that is not a flag, or other type sizes.
     """
     fix = "load the file with torch on the machine that wrote it and re-save it with torch.save"
     if type(value) is not dict or not all(type(k) in (str, bytes) for k in value):
@@ -251,10 +252,8 @@ def check_sys_info(value: Any, path: str, item: str) -> None:
         raise _bad(path, f"the system-info record has keys {sorted(info)}, not {sorted(_SYS_INFO_KEYS)}", item)
     if type(info["protocol_version"]) is not int or info["protocol_version"] != PROTOCOL_VERSION:
         raise _bad(path, f"unsupported legacy protocol version {info['protocol_version']!r} in the system-info record", item)
-    if info["little_endian"] is not True and not (type(info["little_endian"]) is int and info["little_endian"] == 1):
-        raise errors.FormatError(
-            "was written on a big-endian machine: its storages hold big-endian bytes", path=path, item=item, fix=fix
-        )
+    if type(info["little_endian"]) not in (bool, int) or info["little_endian"] not in (0, 1):
+        raise _bad(path, f"the system-info byte-order flag is {str(info['little_endian'])[:40]}, not a flag", item)
     sizes = info["type_sizes"]
     if type(sizes) is not dict or not all(type(k) in (str, bytes) for k in sizes):
         raise _bad(path, "the system-info type sizes are not a dict of names", item)
@@ -268,10 +267,12 @@ def check_sys_info(value: Any, path: str, item: str) -> None:
 
 
 class TarStorages(StorageProvider):
-    """Tensors and storages of a tar file, by the integer keys its main pickle refers to."""
+    """Tensors and storages of a tar file, by their keys: integers, or strings for storages in
+    files from before torch 0.4, kept as torch keeps them; the main pickle names tensors by
+    integer (torch's ``deserialized_objects[int(saved_id)]``)."""
 
     def __init__(self) -> None:
-        self.objects: dict[int, Any] = {}  # key -> StorageRef or TensorRef
+        self.objects: dict[int | str, Any] = {}  # key -> StorageRef or TensorRef
         self.resolve: Any = None  # set by the reader: turns a ref into the value to return
         self._values: dict[int, Any] = {}
 

@@ -315,8 +315,8 @@ def _tar_storages(ctx: _Context, data: Any, layout: containers.TarLayout, storag
         if type(header) is not tuple or len(header) != 3 or not isinstance(header[2], tensors.StorageType):
             raise _tar_error(ctx, "storage header must be (key, location, storage type)", "storages")
         key, _location, kind = header
-        if type(key) is not int or pos + 8 > end:
-            raise _tar_error(ctx, "storage key must be an integer", "storages")
+        if type(key) not in (int, str) or pos + 8 > end:  # strings before torch 0.4
+            raise _tar_error(ctx, "storage key must be an integer or a string", "storages")
         numel = int.from_bytes(data[pos : pos + 8], "little")
         nbytes = numel * tensors.itemsize(kind.dtype)
         pos += 8
@@ -330,8 +330,9 @@ def _tar_storages(ctx: _Context, data: Any, layout: containers.TarLayout, storag
     if type(views) is not list:
         raise _tar_error(ctx, "storage views must be a list", "storages")
     for view in views:
-        if type(view) is not tuple or len(view) != 4 or not all(type(v) is int for v in view):
-            raise _tar_error(ctx, "a storage view is four integers", "storages")
+        if (type(view) is not tuple or len(view) != 4 or not all(type(v) in (int, str) for v in view[:2])
+                or not all(type(v) is int for v in view[2:])):
+            raise _tar_error(ctx, "a storage view is (key, root key, offset, count)", "storages")
         target, root_key, offset, numel = view
         root = storages.objects.get(root_key)
         if not isinstance(root, tensors.StorageRef) or offset < 0 or numel < 0 or target in storages.objects:
