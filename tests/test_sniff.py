@@ -55,12 +55,15 @@ def test_every_kind_on_every_backend(place: Place) -> None:
     place.put("zip.pt", _torch({"w": torch.ones(2)}))
     place.put("stream.pt", _torch({"w": torch.ones(2)}, _use_new_zipfile_serialization=False))
     place.put("m.safetensors.index.json", b"{}")
-    place.put("junk.bin", b"not a model")
+    place.put("junk.bin", b"\x00\x01\x02 unknown binary")
     store, root = storage.resolve(place.root, place.options)
     kinds = {name: sniff.sniff(store.join(root, name), store) for name in store.list_names(root)}
     assert kinds == {"w.safetensors": "safetensors", "zip.pt": "zip", "stream.pt": "pickle",
-                     "m.safetensors.index.json": "index", "junk.bin": "safetensors"}
+                     "m.safetensors.index.json": "index", "junk.bin": "safetensors"}  # the strict reader says
     assert sniff.sniff(root, store) == "folder"
+    place.put("notes.txt", b"not a model")
+    with pytest.raises(mk.FormatError, match="it looks like text"):
+        sniff.sniff(store.join(root, "notes.txt"), store)
 
 
 def test_a_missing_file_is_a_storage_error(place: Place) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import sys
 from typing import Any, Callable, Iterator
 
@@ -251,6 +252,9 @@ def scan_command(paths: tuple[str, ...], as_json: bool, storage_options: dict[st
             escape(result.path), result.container, f"[{colours[verdict]}]{verdict}[/]", escape(details)
         )
     console.print(table)
+    for result in results:
+        if result.next_step:
+            console.print(f"{escape(result.path)}: {escape(result.next_step)}", highlight=False)
     counts = {v: sum(r.verdict == v for r in results) for v in colours}
     console.print(", ".join(f"{n} {v}" for v, n in counts.items() if n) or "no model files found")
     sys.exit(code)
@@ -262,11 +266,21 @@ def scan_command(paths: tuple[str, ...], as_json: bool, storage_options: dict[st
 @click.argument("dst")
 @click.option("--verify", "check", is_flag=True, help="Read the output back and compare every tensor.")
 @click.option("--shard-size", default=None, help="Split into shards of at most this size, e.g. 5GB.")
-def convert_command(src: str, dst: str, check: bool, shard_size: str | None, storage_options: dict[str, Any] | None) -> None:
+@click.option("--trust", "trust", multiple=True, metavar="NAME",
+              help="A module or class whose pickled objects may be rebuilt (repeatable).")
+@click.option("--on-unknown", type=click.Choice(["error", "placeholder"]), default="error", show_default=True,
+              help="placeholder: rescue the weights of a file naming other classes (kept inert, never run).")
+def convert_command(src: str, dst: str, check: bool, shard_size: str | None, trust: tuple[str, ...],
+                    on_unknown: str, storage_options: dict[str, Any] | None) -> None:
     """Rewrite any readable model file SRC as a modelkeep file DST (or shards with an index)."""
     try:
-        report = mk.convert(src, dst, shard_size=shard_size, verify=check, storage_options=storage_options)
+        report = mk.convert(src, dst, shard_size=shard_size, verify=check, trust=trust, on_unknown=on_unknown,
+                            storage_options=storage_options)
     except errors.ModelkeepError as e:
+        if e.fix:  # say the options as this command takes them
+            e.fix = re.sub(r"trust=\('([\w.]+)',\)", r"--trust \1",
+                           e.fix.replace("on_unknown='placeholder'", "--on-unknown placeholder"))
+            e.args = (e._message(),)
         fail(e)
         return
     console.print(
@@ -276,6 +290,12 @@ def convert_command(src: str, dst: str, check: bool, shard_size: str | None, sto
     )
     if report.verified:
         console.print("verified: every tensor matches the source bit for bit")
+    if report.left_out:
+        console.print(
+            f"left out (not weights): {escape(', '.join(report.left_out))}; keep them with "
+            "modelkeep.read(SRC), or Checkpointer(DIR).import_torch_checkpoint(SRC)",
+            highlight=False,
+        )
 
 
 @main.command("diff")

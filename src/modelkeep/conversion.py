@@ -15,7 +15,7 @@ from typing import Any, Mapping
 
 import torch
 
-from modelkeep import api, errors, storage, weights
+from modelkeep import api, errors, options, reading, storage, weights
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)\s*$", re.IGNORECASE)
 _PREFIXES = "kmgt"
@@ -41,11 +41,16 @@ def parse_size(text: str) -> int:
 
 @dataclasses.dataclass
 class ConvertReport:
+    """What ``convert`` wrote; ``left_out`` names a checkpoint's entries that are not weights
+    (optimizer state, epoch, args): ``modelkeep.read(src)`` or
+    ``Checkpointer.import_torch_checkpoint(src)`` keeps them."""
+
     source: str
     outputs: list[str]
     tensors: int
     bytes: int
     verified: bool | None = None
+    left_out: list[str] = dataclasses.field(default_factory=list)
 
 
 def convert(
@@ -56,6 +61,7 @@ def convert(
     verify: bool = False,
     metadata: Mapping[str, str] | None = None,
     trust: tuple[str, ...] | str = (),
+    on_unknown: str = "error",
     storage_options: Mapping[str, Any] | None = None,
 ) -> ConvertReport:
     """Rewrite ``src`` as a modelkeep weights file at ``dst`` (or shards beside ``dst``).
@@ -70,10 +76,13 @@ def convert(
         verify: read the outputs back and compare every tensor bit for bit.
         metadata: extra ``{str: str}`` for each header.
         trust: classes of a torch.save source that may be rebuilt (see ``modelkeep.read``).
+        on_unknown: ``"placeholder"`` rescues the weights of a torch.save file that names other
+            classes (kept inert, never run); ``"error"`` (default) refuses it.
         storage_options: for the fsspec file system of URLs (``src`` and ``dst``).
 
     Returns:
-        A ConvertReport: outputs written, tensor count, bytes, verification result.
+        A ConvertReport: outputs written, tensor count, bytes, verification result, and the
+        entries of a training checkpoint that are not weights (``left_out``).
 
     Raises:
         UnsupportedValueError: ``src`` and ``dst`` are the same, or an argument is invalid.
@@ -89,7 +98,8 @@ def convert(
         raise errors.UnsupportedValueError(
             "source and destination are the same file", path=src, fix="choose another destination"
         )
-    tensors = api.load_state_dict(src, trust=trust, storage_options=storage_options)
+    source = reading.open_source(src, options.read_options(trust, on_unknown), storage_options=storage_options)
+    tensors = source.tensors()
     store, dst = storage.resolve(dst, storage_options)
     stored, aliases = weights.split_aliases(weights.state_dict_of(tensors))
     user = weights.check_user_metadata(metadata)
@@ -99,7 +109,8 @@ def convert(
         outputs = [_write(store, dst, stored, aliases, user)]
     else:
         outputs = _write_shards(store, dst, stored, aliases, user, limit, total)
-    report = ConvertReport(source=src, outputs=outputs, tensors=len(tensors), bytes=total)
+    report = ConvertReport(source=src, outputs=outputs, tensors=len(tensors), bytes=total,
+                           left_out=list(getattr(source, "left_out", [])))
     if verify:
         report.verified = verify_conversion(tensors, outputs, storage_options=storage_options)
         if not report.verified:

@@ -135,8 +135,7 @@ def download(
                     raise errors.StorageError(
                         f"download {kind} after {failures} attempts ({type(e).__name__}: {e})",
                         path=url,
-                        fix="check the network and try again (the download resumes where it stopped), "
-                        "or pass a local copy of the file as path=",
+                        fix="check the network and try again (the download resumes where it stopped)",
                     ) from e
                 time.sleep(backoff * 2 ** (failures - 1))
             except requests.RequestException as e:

@@ -329,13 +329,21 @@ def fetch(
         downloads = os.path.join(cache_dir(), "downloads")
         os.makedirs(downloads, exist_ok=True)
         target = os.path.join(downloads, entry.file_name)
-        fetched = download.download(
-            entry.download_url,
-            target,
-            hash_prefix=entry.hash_prefix,
-            progress=progress,
-            timeout=timeout if timeout is not None else download.DEFAULT_TIMEOUT,
-        )
+        try:
+            fetched = download.download(
+                entry.download_url,
+                target,
+                hash_prefix=entry.hash_prefix,
+                progress=progress,
+                timeout=timeout if timeout is not None else download.DEFAULT_TIMEOUT,
+            )
+        except errors.StorageError as e:  # offline: say where a copy of the file can come from
+            e.fix = (
+                f"{e.fix}; or get {entry.file_name} elsewhere and pass it as weights_file=PATH, or put "
+                f"it in {os.path.join(torch.hub.get_dir(), 'checkpoints')} (torch's hub cache)"
+            )
+            e.args = (e._message(),)
+            raise
         try:
             _convert(fetched.path, cached, entry, fetched.sha256)
         finally:

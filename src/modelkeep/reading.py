@@ -131,6 +131,10 @@ def header_in(store: storage.Storage, path: str) -> format.Header:
             path=path,
             fix="read it with modelkeep.load_state_dict() or modelkeep.read(), or name one file",
         )
+    if kind == "pickle":
+        what = sniff.looks_like(sniff.read_head(path, store))
+        if what == "text":
+            raise sniff.not_a_model_file(path, "text (or a pickle written as text)")
     if kind != "safetensors":
         raise errors.FormatError(
             f"is a torch.save file ({kind}), not a safetensors/modelkeep file",

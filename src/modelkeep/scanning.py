@@ -81,6 +81,28 @@ class FileScan:
     def findings(self) -> list[GlobalFinding]:
         return [g for g in self.globals if g.verdict != SAFE]
 
+    @property
+    def next_step(self) -> str | None:
+        """What to do about this file, in words (None for a safe one)."""
+        verdict = self.verdict
+        if verdict == SAFE:
+            return None
+        if verdict == "unreadable":
+            return "the file could not be read as a model file; check that it is one and fully downloaded"
+        names = sorted({g.name for g in self.findings})
+        modules = sorted({name.rsplit(".", 1)[0] for name in names})
+        rescue = f"modelkeep convert {self.path} OUT.safetensors --on-unknown placeholder"
+        if verdict == NEEDS_TRUST:
+            return (
+                f"it names classes modelkeep does not build ({', '.join(names[:4])}): if you trust their "
+                f"source, modelkeep.read(path, trust={tuple(modules[:4])!r}) rebuilds them without running "
+                f"the file; to keep only the tensors: {rescue}"
+            )
+        return (
+            "it names globals that run code when torch.load unpickles it: never load it with "
+            f"weights_only=False; to keep only the tensors, nothing run: {rescue}"
+        )
+
     def to_json(self) -> dict[str, Any]:
         distinct: dict[tuple[str, str], list[int]] = {}
         for finding in self.globals:
@@ -90,6 +112,7 @@ class FileScan:
             "container": self.container,
             "verdict": self.verdict,
             "error": self.error,
+            "next_step": self.next_step,
             "globals": [
                 {"name": name, "verdict": verdict, "positions": positions[:20], "count": len(positions)}
                 for (name, verdict), positions in distinct.items()

@@ -126,6 +126,12 @@ class _Context:
         return value
 
 
+def _module_of(name: str) -> str:
+    """``"mypkg.models"`` for ``"mypkg.models.Net"``: what ``trust=`` takes to rebuild it."""
+    module = name.rpartition(".")[0]
+    return module if module else name
+
+
 def unsafe_error(offences: list[Offence], path: str) -> errors.UnsafeContentError:
     grouped: dict[str, list[str]] = {}
     for offence in offences:
@@ -137,7 +143,7 @@ def unsafe_error(offences: list[Offence], path: str) -> errors.UnsafeContentErro
         f"would import and run them: {'; '.join(listed[:50])}" + (" ..." if len(listed) > 50 else ""),
         path=path,
         fix="do not torch.load this file unless you trust its source. To rescue its tensors pass "
-        "on_unknown='placeholder'; to rebuild classes you trust pass trust=('package',)",
+        f"on_unknown='placeholder'; to rebuild classes you trust pass trust=({_module_of(next(iter(grouped)))!r},)",
         globals=list(grouped.items()),
     )
 
@@ -160,6 +166,22 @@ def read_contents(
     ``sightings``, when given, collects every global the pickles name (``modelkeep scan``).
     """
     path = os.fspath(path)
+    try:
+        return _read_contents(path, mode, trust, on_unknown, limits, check_crc, threads, sightings, encoding, mmap)
+    except errors.FormatError as e:
+        if e.path is None:  # raised deep in the pickle machine, which knows no file
+            e.path = path
+            what = sniffing.looks_like(sniffing.read_head(path))
+            if what is not None and not isinstance(e, errors.UnsafeContentError):
+                e.what += f"; the file looks like {what}, not a torch.save file"
+                e.fix = e.fix or "name a model file; re-download it if it should be one"
+            e.args = (e._message(),)
+        raise
+
+
+def _read_contents(path: str, mode: str, trust: trusted.Trust | None, on_unknown: str, limits: Limits,
+                   check_crc: bool, threads: int | None, sightings: list[Sighting] | None, encoding: str,
+                   mmap: bool) -> Contents:
     ctx = _Context(path, mode, trust or trusted.Trust(), on_unknown, limits, check_crc, threads, sightings,
                    encoding=encoding, mmap=mmap)
     kind = sniff(path)

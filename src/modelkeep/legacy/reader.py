@@ -61,6 +61,11 @@ class LegacyWeights:
         self.container = contents.container
         self.source_key = source_key
         self.end = contents.end  # where the object ends when more bytes follow it, else None
+        top = contents.value
+        outer = source_key.split(".")[0] if source_key else None
+        self.left_out = (  # a checkpoint's other entries (optimizer state, epoch, args, ...)
+            [str(k) for k in top if k != outer] if source_key is not None and isinstance(top, dict) else []
+        )
         self._entries = state
         self._loader = contents.loader
 

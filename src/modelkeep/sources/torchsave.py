@@ -81,6 +81,7 @@ class TorchSaveSource:
         self.location = location
         self.source_key: str | None = weights.source_key
         self.end: int | None = weights.end  # where the object ends when more bytes follow it
+        self.left_out: list[str] = weights.left_out  # a checkpoint's entries that are not the weights
         self._spooled = spooled
         if spooled is not None:
             weakref.finalize(self, _remove, spooled)
