@@ -237,3 +237,19 @@ def test_bad_sources_are_typed_errors(tmp_path) -> None:
     with pytest.raises(mk.InvalidArgumentError, match="path or an fsspec URL"):
         mk.save_weights({"x": torch.ones(1)}, io.BytesIO())  # writes take paths and URLs only
     assert os.listdir(tmp_path) == ["f.pt"]
+
+
+@pytest.mark.parametrize("fmt", sorted(FORMATS))
+def test_device_moves_keep_shared_storages_for_every_source(tmp_path, fmt) -> None:
+    path = tmp_path / "f.pt"
+    tensors = {k: v for k, v in state().items() if isinstance(v, torch.Tensor)}
+    torch.save(tensors, path, _use_new_zipfile_serialization=FORMATS[fmt])
+    moved = mk.load_state_dict(path, device="meta")  # the torch.save reader used to split them
+    assert moved["w"].device.type == "meta"
+    assert moved["view"].untyped_storage()._cdata == moved["w"].untyped_storage()._cdata
+    tied = tmp_path / "tied.safetensors"
+    embed = torch.randn(4, 2)
+    mk.save_weights({"embed": embed, "head": embed}, tied)
+    for location in (tied, str(tied)):
+        loaded = mk.load_state_dict(location, device="meta")
+        assert loaded["head"] is loaded["embed"] and loaded["embed"].device.type == "meta"

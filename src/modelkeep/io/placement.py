@@ -22,7 +22,9 @@ put them back on the GPU (and raise on a machine without one).
 
 Storages are moved, never tensors, so tensors that shared a storage in the file share one after
 the move (torch's own guarantee). :func:`restore` moves one storage; :func:`move` moves every
-tensor of a nested value, one storage at a time.
+tensor of a nested value, one storage at a time. Every reader that hands out tensors somewhere
+other than where it read them (``device=`` of ``load_state_dict``, checkpoints, safetensors and
+torch.save sources) moves them with :func:`move`: one behaviour for all.
 """
 
 from __future__ import annotations
@@ -65,8 +67,9 @@ def _available(location: str) -> bool:
     return device.type in ("cpu", "meta")
 
 
-def _to(storage: torch.UntypedStorage, location: str) -> torch.UntypedStorage:
-    """``storage`` on the device ``location`` names (torch's default restore)."""
+def _to(storage: torch.UntypedStorage, location: str, *, wait: bool = True) -> torch.UntypedStorage:
+    """``storage`` on the device ``location`` names (torch's default restore). A copy from pinned
+    host memory to a GPU is asynchronous; ``wait=False`` leaves the wait to the caller."""
     try:
         device = torch.device(location)
     except (RuntimeError, ValueError) as e:
@@ -84,11 +87,16 @@ def _to(storage: torch.UntypedStorage, location: str) -> torch.UntypedStorage:
             fix="pass map_location='cpu' (or a device this machine has)",
         )
     moved = torch.UntypedStorage(storage.nbytes(), device=device)
-    moved.copy_(storage)
+    pinned = device.type == "cuda" and storage.device.type == "cpu" and storage.is_pinned()
+    moved.copy_(storage, non_blocking=pinned)  # pinned host memory: the copies overlap
+    if pinned and wait:
+        torch.cuda.synchronize(device)
     return moved
 
 
-def restore(storage: torch.UntypedStorage, location: str, map_location: MapLocation) -> torch.UntypedStorage:
+def restore(
+    storage: torch.UntypedStorage, location: str, map_location: MapLocation, *, wait: bool = True
+) -> torch.UntypedStorage:
     """Where one storage saved at ``location`` goes under ``map_location`` (see the table).
 
     Args:
@@ -104,12 +112,12 @@ def restore(storage: torch.UntypedStorage, location: str, map_location: MapLocat
             something that is not a storage.
     """
     if map_location is None:
-        return _to(storage, location if _available(location) else "cpu")
+        return _to(storage, location if _available(location) else "cpu", wait=wait)
     if isinstance(map_location, dict):
         target = map_location.get(location, location)
-        return _to(storage, str(target))
+        return _to(storage, str(target), wait=wait)
     if isinstance(map_location, (str, torch.device)):
-        return _to(storage, str(map_location))
+        return _to(storage, str(map_location), wait=wait)
     result = map_location(storage, location)
     if result is None:
         return _to(storage, location if _available(location) else "cpu")
@@ -151,7 +159,7 @@ def move(value: Any, map_location: MapLocation, location: Callable[[torch.Tensor
         target = moved.get(key)
         if target is None:
             saved = location(t) if location is not None else str(storage.device)
-            target = moved[key] = restore(storage, saved, map_location)
+            target = moved[key] = restore(storage, saved, map_location, wait=False)
         if target is storage:
             return t
         out = torch.empty((0,), dtype=t.dtype, device=target.device)
@@ -175,4 +183,7 @@ def move(value: Any, map_location: MapLocation, location: Callable[[torch.Tensor
             return tuple(walk(v) for v in item)
         return item
 
-    return walk(value)
+    result = walk(value)
+    if any(s.device.type == "cuda" for s in moved.values()):
+        torch.cuda.synchronize()  # the asynchronous copies from pinned memory have landed
+    return result

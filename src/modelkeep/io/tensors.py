@@ -15,7 +15,7 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 
 from modelkeep import format
-from modelkeep.io import reads
+from modelkeep.io import placement, reads
 from modelkeep.io.buffers import allocate, direct_buffer, gc_paused
 
 
@@ -134,9 +134,4 @@ def read_tensors(
     pin = device.type == "cuda" and torch.cuda.is_available()
     pairs = [(e, allocate(e.shape, e.torch_dtype, pin=pin)) for e in entries]
     read_into(path, pairs, threads=threads)
-    out = {entry.name: tensor for entry, tensor in pairs}
-    if device.type != "cpu":
-        out = {name: tensor.to(device, non_blocking=pin) for name, tensor in out.items()}
-        if pin:
-            torch.cuda.synchronize(device)
-    return out
+    return placement.move({entry.name: tensor for entry, tensor in pairs}, device)

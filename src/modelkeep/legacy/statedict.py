@@ -16,7 +16,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import torch
 
 from modelkeep import conventions, errors, format
-from modelkeep.io import buffers, reads
+from modelkeep.io import buffers, placement, reads
 from modelkeep.io import tensors as tensor_io
 from modelkeep.legacy import tensors
 from modelkeep.legacy.loader import Contents
@@ -177,10 +177,7 @@ def materialize(value: Any, loader: tensors.StorageLoader) -> torch.Tensor:
 def read_tensors(state: dict[str, Any], loader: tensors.StorageLoader, device: Any) -> dict[str, torch.Tensor]:
     loader.preload([v.storage.blob for v in state.values() if isinstance(v, tensors.TensorRef)])
     out = {name: materialize(value, loader) for name, value in state.items()}
-    target = torch.device(device)
-    if target.type != "cpu":
-        out = {name: tensor.to(target) for name, tensor in out.items()}
-    return out
+    return placement.move(out, torch.device(device))  # names that shared a storage still share it
 
 
 def read_into(

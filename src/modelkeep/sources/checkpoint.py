@@ -14,7 +14,7 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from modelkeep import errors, format, hashing
-from modelkeep.io import buffers
+from modelkeep.io import buffers, placement
 from modelkeep.sources import ranges, state_tree
 from modelkeep.storage import Storage
 
@@ -108,9 +108,7 @@ def read_checkpoint(
     tensors = ranges.read_tensors(store, path, list(header.entries.values()))
     if verify:
         verify_tensors(header, tensors)
-    device = torch.device(device)
-    if device.type != "cpu":
-        tensors = {name: t.to(device) for name, t in tensors.items()}
+    tensors = placement.move(tensors, torch.device(device))
     return header, state_tree.decode(raw, tensors, path=path)
 
 
@@ -166,7 +164,5 @@ class CheckpointSource:
         tensors = ranges.read_tensors(self.store, self.location, [self.header.entries[n] for n in stored])
         if verify:
             verify_tensors(self.header, tensors)
-        device = torch.device(device)
-        if device.type != "cpu":
-            tensors = {name: t.to(device) for name, t in tensors.items()}
+        tensors = placement.move(tensors, torch.device(device))
         return {name: tensors[stored_name] for name, stored_name in self._names.items()}

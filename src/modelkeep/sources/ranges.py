@@ -15,7 +15,7 @@ from typing import Callable, Sequence
 import torch
 
 from modelkeep import errors, format, hashing
-from modelkeep.io import buffers, reads
+from modelkeep.io import buffers, placement, reads
 from modelkeep.io import tensors as tensor_io
 from modelkeep.storage import Storage
 
@@ -106,10 +106,7 @@ def read_tensors(
         return tensor_io.read_tensors(local, entries, device=device, threads=threads)
     out = {e.name: buffers.allocate(e.shape, e.torch_dtype) for e in entries}
     read_into(store, path, [(e, out[e.name]) for e in entries])
-    device = torch.device(device)
-    if device.type != "cpu":
-        out = {name: tensor.to(device) for name, tensor in out.items()}
-    return out
+    return placement.move(out, torch.device(device))
 
 
 def digests_of(
