@@ -196,6 +196,9 @@ def inspect_command(file: str, as_json: bool, storage_options: dict[str, Any] | 
         console.print(escape(outline(info.state)), highlight=False)
     for key, value in info.metadata.items():
         console.print(escape(f"metadata {key}: {value[:200]}"), highlight=False)
+    if info.globals is not None:
+        console.print("globals its pickles name (none imported or run): " + escape(", ".join(info.globals)),
+                      highlight=False)
 
 
 @main.command("verify")

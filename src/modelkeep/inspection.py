@@ -12,7 +12,7 @@ from typing import Any, Callable, Mapping
 
 from modelkeep import format, hashing, reading, storage
 from modelkeep.checkpoint import files as checkpoint_files
-from modelkeep.sources import ranges
+from modelkeep.sources import ranges, torchsave
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,6 +38,7 @@ class FileInfo:
     metadata: dict[str, str]  # the user's own keys
     modelkeep: dict[str, Any]  # decoded modelkeep.* keys (hashes summarised, not listed)
     state: Any = None  # a checkpoint's nested state, tensors shown as "tensor F32[8, 4]"
+    globals: list[str] | None = None  # a torch.save file's pickle globals (never imported or run)
 
     @property
     def total_bytes(self) -> int:
@@ -71,6 +72,7 @@ class FileInfo:
             "metadata": self.metadata,
             "modelkeep": self.modelkeep,
             **({"state": self.state} if self.state is not None else {}),
+            **({"globals": self.globals} if self.globals is not None else {}),
         }
 
 
@@ -80,21 +82,29 @@ def _hash_record(header: format.Header) -> tuple[str | None, dict[str, str]]:
 
 
 def inspect(path: str | os.PathLike[str], *, storage_options: Mapping[str, Any] | None = None) -> FileInfo:
-    """Describe a modelkeep or safetensors file from its header alone.
+    """Describe a model file without building anything from it: a modelkeep or safetensors file
+    from its header alone; a torch.save file (zip, stream, tar) from its pickles read in
+    describe-only mode: every tensor by its path in the saved structure, and the globals the
+    pickles name (never imported or run).
 
     Args:
         path: a local path or an fsspec URL.
         storage_options: for the fsspec file system of a URL.
 
     Returns:
-        A FileInfo: tensors, totals, aliases, digests, metadata, a checkpoint's nested state.
+        A FileInfo: tensors, totals, aliases, digests, metadata, a checkpoint's nested state, a
+        torch.save file's globals.
 
     Raises:
-        FormatError: not a safetensors/modelkeep file, or an invalid header.
+        FormatError: not a model file, or an invalid one.
         StorageError: the file cannot be read.
     """
     path = os.fspath(path)
-    header = reading.read_header(path, storage_options=storage_options)
+    store, where = storage.resolve(path, storage_options)
+    found = reading.describe_in(store, where)
+    if not isinstance(found, format.Header):
+        return _torch_save_info(path, store.size(where), found)
+    header = found
     algorithm, digests = _hash_record(header)
     decoded = {
         key: header.modelkeep_value(key)
@@ -113,6 +123,24 @@ def inspect(path: str | os.PathLike[str], *, storage_options: Mapping[str, Any] 
         metadata={k: v for k, v in header.metadata.items() if not k.startswith(format.PREFIX)},
         modelkeep=decoded,
         state=_checkpoint_state(header),
+    )
+
+
+def _torch_save_info(path: str, size: int, found: Any) -> FileInfo:
+    """A FileInfo for a torch.save file (``legacy.Description``); zip archives carry CRC-32s."""
+    zipped = found.container in ("zip", "torchscript")
+    return FileInfo(
+        path=path,
+        file_size=size,
+        kind=f"torch.save ({found.container})",
+        format_version=None,
+        tensors=[TensorInfo(name, ref.dtype, tuple(ref.shape), ref.nbytes) for name, ref in found.tensors],
+        aliases={},
+        hash_algorithm="crc32 (zip)" if zipped else None,
+        hashed_tensors=len(found.tensors) if zipped else 0,
+        metadata={},
+        modelkeep={},
+        globals=found.globals,
     )
 
 
@@ -153,14 +181,19 @@ def verify(
     Returns:
         A VerifyReport; ``ok`` when every tensor has a digest and all match.
 
+    A torch.save zip archive is checked against the CRC-32 of each stored entry; stream and tar
+    files carry no checksums, so their tensors are reported unhashed.
+
     Raises:
-        FormatError: not a safetensors/modelkeep file, a malformed hash record, or an unknown
-            hash algorithm.
+        FormatError: not a model file, a malformed hash record, or an unknown hash algorithm.
         StorageError: the file cannot be read.
     """
     path = os.fspath(path)
     store, where = storage.resolve(path, storage_options)
-    header = reading.header_in(store, where)
+    found = reading.describe_in(store, where)
+    if not isinstance(found, format.Header):
+        return _verify_torch_save(path, store, where, found)
+    header = found
     algorithm, digests = _hash_record(header)
     report = VerifyReport(path=path, algorithm=algorithm)
     if algorithm is None:
@@ -176,4 +209,15 @@ def verify(
             report.checked.append(name)
         else:
             report.mismatched.append(name)
+    return report
+
+
+def _verify_torch_save(path: str, store: storage.Storage, where: str, found: Any) -> VerifyReport:
+    """Each tensor of a torch.save file checked by its zip entry's CRC-32 (none in other kinds)."""
+    if found.container not in ("zip", "torchscript"):
+        return VerifyReport(path=path, algorithm=None, unhashed=[name for name, _ in found.tensors])
+    bad = set(torchsave.check_crcs(store, where, found.blobs))
+    report = VerifyReport(path=path, algorithm="crc32 (zip)")
+    for name, ref in found.tensors:
+        (report.mismatched if ref.storage.blob.name in bad else report.checked).append(name)
     return report

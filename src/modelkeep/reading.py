@@ -110,6 +110,23 @@ def open_in(store: storage.Storage, path: str, options: ReadOptions = DEFAULT_RE
     return torchsave.open_weights(store, path, options)
 
 
+TORCH_SAVE_KINDS = ("zip", "tar", "pickle")
+
+
+def describe_in(store: storage.Storage, path: str, options: ReadOptions = DEFAULT_READ_OPTIONS) -> Any:
+    """The validated header of a safetensors/modelkeep file, or the ``legacy.Description`` of a
+    torch.save file (its tensors and globals, nothing built): what ``inspect`` and ``verify``
+    report on.
+
+    Raises:
+        FormatError: a folder or index, or an invalid file.
+        StorageError: the file cannot be read.
+    """
+    if sniff.sniff(path, store) in TORCH_SAVE_KINDS:
+        return torchsave.describe(store, path, options)
+    return header_in(store, path)
+
+
 def read_header(location: Location, *, storage_options: Mapping[str, Any] | None = None) -> format.Header:
     """The validated header of a safetensors/modelkeep file, or a FormatError saying what the
     file is instead (a folder, a shard index, a torch.save file).
@@ -221,7 +238,7 @@ def read(
 def _read_in(store: storage.Storage, path: str, options: ReadOptions) -> tuple[Any, int | None]:
     """What ``read`` returns for a resolved location, and where the object ends (None: all)."""
     kind = sniff.sniff(path, store)
-    if kind in ("zip", "tar", "pickle"):
+    if kind in TORCH_SAVE_KINDS:
         return torchsave.read(store, path, options)
     if kind == "safetensors":
         header = store.read_header(path)

@@ -8,7 +8,16 @@ a file names; ``policy`` and ``builders`` decide what each global may mean.
 """
 
 from modelkeep.legacy.loader import sniff
-from modelkeep.legacy.reader import LegacyWeights, open_weights, read, read_module, read_object, read_state_dict
+from modelkeep.legacy.reader import (
+    Description,
+    LegacyWeights,
+    describe,
+    open_weights,
+    read,
+    read_module,
+    read_object,
+    read_state_dict,
+)
 from modelkeep.legacy.records import Placeholder, Record
 from modelkeep.legacy.trusted import DEFAULT_TRUST
 from modelkeep.legacy.limits import DEFAULT_LIMITS, Limits
@@ -16,10 +25,12 @@ from modelkeep.legacy.limits import DEFAULT_LIMITS, Limits
 __all__ = [
     "DEFAULT_LIMITS",
     "DEFAULT_TRUST",
+    "Description",
     "LegacyWeights",
     "Limits",
     "Placeholder",
     "Record",
+    "describe",
     "open_weights",
     "read",
     "read_module",

@@ -9,8 +9,8 @@ from typing import Any, Sequence
 import torch
 
 from modelkeep import conventions, errors
-from modelkeep.legacy import loader, statedict, trusted
-from modelkeep.legacy.policy import REFS, VALUES
+from modelkeep.legacy import loader, statedict, tensors, trusted
+from modelkeep.legacy.policy import REFS, VALUES, Sighting
 from modelkeep.options import DEFAULT_READ_OPTIONS, ReadOptions
 
 MODULE_KEYS = conventions.MODEL_KEYS  # one list for every reader (modelkeep.conventions)
@@ -129,4 +129,53 @@ def read_module(
         f"holds a {type(value).__name__}, not a whole pickled module",
         path=os.fspath(path),
         fix="for a state dict, build the model and use modelkeep.load_weights(model, path)",
+    )
+
+
+@dataclasses.dataclass
+class Description:
+    """What a torch.save file holds, found without building anything: its container, every
+    tensor by its path in the saved structure (``model_state_dict.fc.weight``), the globals its
+    pickles name, and, for a zip archive, each stored blob with its CRC-32."""
+
+    container: str
+    tensors: list[tuple[str, tensors.TensorRef]]
+    globals: list[str]
+    blobs: list[tensors.Blob]
+
+
+def describe(path: str | os.PathLike[str], *, options: ReadOptions = DEFAULT_READ_OPTIONS) -> Description:
+    """:class:`Description` of a torch.save file (unknown globals are described, not refused)."""
+    sightings: list[Sighting] = []
+    contents = loader.read_contents(
+        os.fspath(path), mode=REFS, trust=trusted.Trust(options.trust), on_unknown="placeholder",
+        limits=options.limits, encoding=options.encoding, sightings=sightings,
+    )
+    found: list[tuple[str, tensors.TensorRef]] = []
+    seen: set[int] = set()
+
+    def walk(value: Any, prefix: str, depth: int) -> None:
+        if depth > 64 or id(value) in seen:
+            return
+        if isinstance(value, tensors.TensorRef):
+            found.append((prefix or "(tensor)", value))
+            return
+        seen.add(id(value))
+        if isinstance(value, dict):
+            items = [(str(k), v) for k, v in value.items()]
+        elif isinstance(value, (list, tuple)):
+            items = [(str(i), v) for i, v in enumerate(value)]
+        else:
+            state = getattr(value, "state", None) if type(value).__name__ == "Placeholder" else None
+            items = [(str(k), v) for k, v in state.items()] if isinstance(state, dict) else []
+        for key, item in items:
+            walk(item, f"{prefix}.{key}" if prefix else key, depth + 1)
+
+    walk(contents.value, "", 0)
+    blobs = {id(ref.storage.blob): ref.storage.blob for _, ref in found}
+    return Description(
+        container=contents.container,
+        tensors=found,
+        globals=sorted({f"{s.module}.{s.name}" for s in sightings if s.meaning != "trailing"}),
+        blobs=list(blobs.values()),
     )

@@ -130,3 +130,28 @@ def read(store: Storage, path: str, options: ReadOptions) -> tuple[Any, int | No
 
     with local_copy(store, path) as local, _named_as(path, local):
         return legacy.read_object(local, options=options)
+
+
+def describe(store: Storage, path: str, options: ReadOptions) -> Any:
+    """``legacy.Description`` of a torch.save file: its tensors and the globals it names, with
+    nothing built or run (``modelkeep inspect``)."""
+    from modelkeep import legacy
+
+    with local_copy(store, path) as local, _named_as(path, local):
+        return legacy.describe(local, options=options)
+
+
+def check_crcs(store: Storage, path: str, blobs: Sequence[Any]) -> list[str]:
+    """The names of the zip entries among ``blobs`` whose bytes do not match their CRC-32."""
+    from modelkeep.legacy import tensors as legacy_tensors
+
+    bad = []
+    with local_copy(store, path) as local, _named_as(path, local):
+        for blob in blobs:
+            if blob.crc is None:
+                continue
+            try:
+                legacy_tensors.read_blob(blob, check_crc=True)
+            except errors.FormatError:
+                bad.append(blob.name)
+    return bad
