@@ -107,3 +107,36 @@ def test_errors_in_a_torch_save_file_name_its_location(place: Place) -> None:
     with pytest.raises(mk.FormatError) as caught:
         mk.load_state_dict(path, storage_options=place.options)
     assert caught.value.path == path and ".spool" not in str(caught.value)
+
+
+def test_open_in_is_the_only_place_that_asks_what_kind_of_file_this_is() -> None:
+    """Every operation gets a TensorSource from ``reading.open_in`` and branches on nothing.
+    Allowed besides: ``sniff`` itself; ``scanning``, which classifies any file, model or not
+    (plain zip bundles, indexes it must not open); and the legacy loader's own entry points, which
+    find the container themselves only when a direct caller does not pass the one the dispatch
+    found."""
+    import ast
+    import pathlib
+
+    package = pathlib.Path(reading.__file__).parent
+    allowed = {("reading.py", "open_in"), ("scanning.py", "scan_file"), ("legacy/loader.py", "_read_contents"),
+               ("legacy/loader.py", "sniff")}
+    found = set()
+    for path in package.rglob("*.py"):
+        name = path.relative_to(package).as_posix()
+        if name == "sniff.py":
+            continue
+        tree = ast.parse(path.read_text())
+        for function in ast.walk(tree):
+            if not isinstance(function, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            for node in ast.walk(function):
+                if isinstance(node, ast.Call):
+                    callee = node.func
+                    called = callee.attr if isinstance(callee, ast.Attribute) else getattr(callee, "id", None)
+                    owner = getattr(callee.value, "id", None) if isinstance(callee, ast.Attribute) else None
+                    is_model_sniff = (called == "sniff" and owner in ("sniff", "sniffing", None)) or called == "kind_of_head"
+                    if is_model_sniff and not name.startswith("inference/"):  # inputs (images, .npy) sniff apart
+                        found.add((name, function.name))
+    assert found <= allowed, sorted(found - allowed)
+    assert ("reading.py", "open_in") in found

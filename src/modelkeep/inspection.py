@@ -12,7 +12,7 @@ from typing import Any, Callable, Mapping
 
 from modelkeep import format, hashing, reading, storage
 from modelkeep.checkpoint import files as checkpoint_files
-from modelkeep.sources import ranges, torchsave
+from modelkeep.sources import ranges
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,10 +101,10 @@ def inspect(path: str | os.PathLike[str], *, storage_options: Mapping[str, Any] 
     """
     path = os.fspath(path)
     store, where = storage.resolve(path, storage_options)
-    found = reading.describe_in(store, where)
-    if not isinstance(found, format.Header):
-        return _torch_save_info(path, store.size(where), found)
-    header = found
+    source = reading.open_file_in(store, where)
+    header = source.metadata()
+    if header is None:
+        return _torch_save_info(path, store.size(where), source.describe())
     algorithm, digests = _hash_record(header)
     decoded = {
         key: header.modelkeep_value(key)
@@ -190,10 +190,10 @@ def verify(
     """
     path = os.fspath(path)
     store, where = storage.resolve(path, storage_options)
-    found = reading.describe_in(store, where)
-    if not isinstance(found, format.Header):
-        return _verify_torch_save(path, store, where, found)
-    header = found
+    source = reading.open_file_in(store, where)
+    header = source.metadata()
+    if header is None:
+        return _verify_torch_save(path, source)
     algorithm, digests = _hash_record(header)
     report = VerifyReport(path=path, algorithm=algorithm)
     if algorithm is None:
@@ -212,11 +212,12 @@ def verify(
     return report
 
 
-def _verify_torch_save(path: str, store: storage.Storage, where: str, found: Any) -> VerifyReport:
+def _verify_torch_save(path: str, source: Any) -> VerifyReport:
     """Each tensor of a torch.save file checked by its zip entry's CRC-32 (none in other kinds)."""
+    found = source.describe()
     if found.container not in ("zip", "torchscript"):
         return VerifyReport(path=path, algorithm=None, unhashed=[name for name, _ in found.tensors])
-    bad = set(torchsave.check_crcs(store, where, found.blobs))
+    bad = set(source.check_crcs(found.blobs))
     report = VerifyReport(path=path, algorithm="crc32 (zip)")
     for name, ref in found.tensors:
         (report.mismatched if ref.storage.blob.name in bad else report.checked).append(name)

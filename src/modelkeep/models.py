@@ -16,11 +16,9 @@ from typing import Any, Mapping
 
 import torch
 
-from modelkeep import errors, format, options, reading, sniff, storage, weights
+from modelkeep import errors, format, options, reading, storage, weights
 from modelkeep.arch import factories, graph, modules, names, rebuild, recognize, records, verify
 from modelkeep.inference import spec as spec_module
-from modelkeep.sources import torchsave
-from modelkeep.sources.safetensors import SafetensorsSource
 
 STRATEGIES = records.STRATEGIES
 RECIPE_ATTR = "_modelkeep_recipe"
@@ -307,9 +305,10 @@ def load(
     read_options = options.read_options(trust)  # trust is checked here, once
     trust = read_options.trust
     store, where = storage.resolve(path, storage_options)
-    if sniff.sniff(where, store) != "safetensors":
-        return _load_legacy(store, where, device=device, read_options=read_options)
-    header = store.read_header(where)
+    opened = reading.open_file_in(store, where, read_options)
+    header = opened.metadata()
+    if header is None:  # a torch.save file of a whole pickled module
+        return _load_legacy(opened, device=device)
     if header.kind != "model":
         raise errors.FormatError(
             f"is a {header.kind} file, not a whole model",
@@ -324,9 +323,8 @@ def load(
             item=format.KEY_ARCHITECTURE,
             fix="re-save it with modelkeep.save",
         )
-    source = SafetensorsSource(store, where, header)
-    model, extras = rebuild.build_model(record, source, trust=trust)
-    rebuild.fill(model, source, extras, device=device, mmap=mmap)
+    model, extras = rebuild.build_model(record, opened, trust=trust)  # a SafetensorsSource
+    rebuild.fill(model, opened, extras, device=device, mmap=mmap)
     if record.get("strategy") == "factory":  # so that a loaded model saves again without hints
         object.__setattr__(model, RECIPE_ATTR, {"factory": record["factory"], "kwargs": record["kwargs"]})
     spec_module.attach(model, spec_module.from_header(header))
@@ -352,13 +350,9 @@ def read_inference(
     return _inference_of(reading.read_header(path, storage_options=storage_options))
 
 
-def _load_legacy(
-    store: storage.Storage, path: str, *, device: Any, read_options: options.ReadOptions
-) -> torch.nn.Module:
+def _load_legacy(source: Any, *, device: Any) -> torch.nn.Module:
     """A torch.save'd whole module, rebuilt by the safe legacy reader from trusted classes."""
-    from modelkeep import legacy  # imported on first use: keeps ``import modelkeep`` light
-    with torchsave.local_copy(store, path) as local:
-        model = legacy.read_module(local, options=read_options)
+    model = source.module()
     model.eval()
     if device is not None:
         model.to(device)

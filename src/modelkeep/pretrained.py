@@ -22,7 +22,6 @@ from typing import Any, Iterator, Mapping
 import torch
 
 from modelkeep import api, download, errors, hashing, reading
-from modelkeep import sniff as sniffing
 from modelkeep import storage
 from modelkeep.sources import torchsave
 from modelkeep.sources.safetensors import named_entries
@@ -318,7 +317,7 @@ def fetch(
             source = os.fspath(path)
             if not os.path.isfile(source):
                 raise errors.MissingFileError("no such file", path=source, fix="check the weights path")
-            if sniffing.sniff(source) == "safetensors":
+            if reading.open_source(source).kind == "safetensors":
                 return source  # already in the safe format: read it in place
             _convert(source, cached, entry, check_hash(source, entry, source="file given as path"))
             return cached

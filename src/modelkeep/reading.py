@@ -1,9 +1,12 @@
 """Reading any supported file, from any storage: the one file-kind dispatch of modelkeep.
 
-``open_source`` is the only place that asks "what kind of file is this?" and branches; every
-operation above it (``load_weights``, ``load_state_dict``, ``convert``, ``diff``, ``predict``,
+``open_source`` (``open_in``) is the only place that asks "what kind of file is this?" and
+branches (a test checks it); every operation above it (``read``, ``load``, ``load_weights``,
+``load_state_dict``, ``inspect``, ``verify``, ``convert``, ``diff``, ``predict``,
 ``create(weights=...)``) gets a :class:`~modelkeep.sources.base.TensorSource` and branches on
-nothing. ``read`` is the safe ``torch.load``: the data of any file, with nothing from it run.
+nothing. ``read`` is the safe ``torch.load``, ``open_source(f).data()``: the data of any file,
+with nothing from it run; it takes whatever ``torch.load`` takes (paths, URLs, bytes, file
+objects) with torch's arguments.
 
 =====================  ==================================================================
 what the location is   source
@@ -11,7 +14,7 @@ what the location is   source
 safetensors/modelkeep  :class:`~modelkeep.sources.safetensors.SafetensorsSource`
 modelkeep checkpoint   :class:`~modelkeep.sources.checkpoint.CheckpointSource` (its model)
 folder / index.json    :class:`~modelkeep.sources.sharded.ShardedSource` (or its one file)
-torch.save file        :class:`~modelkeep.sources.torchsave.TorchSaveSource` (``legacy/``)
+torch.save file        :class:`~modelkeep.sources.torchsave.TorchSaveSource` (``legacy/``, lazy)
 =====================  ==================================================================
 """
 
@@ -37,20 +40,15 @@ def resolve(source: Source, storage_options: Mapping[str, Any] | None = None) ->
 
     A path or URL resolves as every operation resolves it (``storage.resolve``). Bytes and binary
     file objects become a :class:`~modelkeep.storage.buffer.BufferStorage` read from the file
-    object's position; a safetensors file in a stream is cut where it ends, so that what follows
-    it is left for the next read.
+    object's position (``open_in`` cuts a safetensors file in a stream where it ends, so that
+    what follows it is left for the next read).
 
     Raises:
         InvalidArgumentError: ``source`` is none of these (or a text-mode file object).
         StorageError: the location or stream cannot be read.
     """
     if buffer.is_buffer(source) or buffer.is_file_object(source):
-        store, name = buffer.from_object(source)
-        if sniff.kind_of_head(store.data[: sniff.HEAD_BYTES]) == "safetensors":
-            end = buffer.safetensors_length(store.data)
-            if end is not None and end < len(store.data):
-                store = store.trimmed(end)
-        return store, name
+        return buffer.from_object(source)
     if not isinstance(source, (str, os.PathLike)):
         raise errors.InvalidArgumentError(
             f"cannot read from a {type(source).__name__}", item="f",
@@ -59,10 +57,11 @@ def resolve(source: Source, storage_options: Mapping[str, Any] | None = None) ->
     return storage.resolve(source, storage_options)
 
 
-def settle(store: storage.Storage, end: int | None) -> None:
-    """After a read from a file object: leave it right after the object (``end``, or all)."""
+def settle(source: TensorSource) -> None:
+    """After a read from a file object: leave it right after the object the source read."""
+    store = getattr(source, "store", None)
     if isinstance(store, buffer.BufferStorage):
-        store.settle(end)
+        store.settle(getattr(source, "end", None))
 
 
 def open_source(
@@ -88,12 +87,15 @@ def open_source(
     """
     store, path = resolve(location, storage_options)
     source = open_in(store, path, options)
-    settle(store, getattr(source, "end", None))
+    if isinstance(store, buffer.BufferStorage):
+        source.entries()  # finds where the object ends, so the file object can be left after it
+        settle(source)
     return source
 
 
 def open_in(store: storage.Storage, path: str, options: ReadOptions = DEFAULT_READ_OPTIONS) -> TensorSource:
-    """:func:`open_source` for a location already resolved to ``(store, path)``."""
+    """:func:`open_source` for a location already resolved to ``(store, path)``: the only place
+    that asks what kind of file this is (``tests/test_reading.py`` checks it)."""
     kind = sniff.sniff(path, store)
     if kind == "folder":
         found, inner = sharded.find_in_folder(store, path)
@@ -103,28 +105,28 @@ def open_in(store: storage.Storage, path: str, options: ReadOptions = DEFAULT_RE
     if kind == "index":
         return sharded.ShardedSource(store, path, lambda shard: open_in(store, shard, options))
     if kind == "safetensors":
+        if isinstance(store, buffer.BufferStorage):  # one object of a stream: the rest is the next one's
+            end = buffer.safetensors_length(store.data)
+            if end is not None and end < len(store.data):
+                store = store.trimmed(end)
         header = store.read_header(path)
         if checkpoint.is_checkpoint(header):
             return checkpoint.CheckpointSource(store, path, header)
         return SafetensorsSource(store, path, header)
-    return torchsave.open_weights(store, path, options)
+    return torchsave.TorchSaveSource(store, path, options, kind)
 
 
-TORCH_SAVE_KINDS = ("zip", "tar", "pickle")
-
-
-def describe_in(store: storage.Storage, path: str, options: ReadOptions = DEFAULT_READ_OPTIONS) -> Any:
-    """The validated header of a safetensors/modelkeep file, or the ``legacy.Description`` of a
-    torch.save file (its tensors and globals, nothing built): what ``inspect`` and ``verify``
-    report on.
-
-    Raises:
-        FormatError: a folder or index, or an invalid file.
-        StorageError: the file cannot be read.
-    """
-    if sniff.sniff(path, store) in TORCH_SAVE_KINDS:
-        return torchsave.describe(store, path, options)
-    return header_in(store, path)
+def open_file_in(store: storage.Storage, path: str, options: ReadOptions = DEFAULT_READ_OPTIONS) -> TensorSource:
+    """:func:`open_in` for one file: a folder or a shard index is a FormatError saying so (what
+    ``inspect``, ``verify`` and ``load`` report on is one file)."""
+    source = open_in(store, path, options)
+    if source.kind == "sharded" or store.isdir(path):
+        raise errors.FormatError(
+            "is a folder or a shard index, not one model file",
+            path=path,
+            fix="read it with modelkeep.load_state_dict() or modelkeep.read(), or name one file",
+        )
+    return source
 
 
 def read_header(location: Location, *, storage_options: Mapping[str, Any] | None = None) -> format.Header:
@@ -141,24 +143,17 @@ def read_header(location: Location, *, storage_options: Mapping[str, Any] | None
 
 def header_in(store: storage.Storage, path: str) -> format.Header:
     """:func:`read_header` for a resolved location."""
-    kind = sniff.sniff(path, store)
-    if kind in ("folder", "index"):
-        raise errors.FormatError(
-            f"is a {'folder' if kind == 'folder' else 'shard index'}, not a safetensors/modelkeep file",
-            path=path,
-            fix="read it with modelkeep.load_state_dict() or modelkeep.read(), or name one file",
-        )
-    if kind == "pickle":
-        what = sniff.looks_like(sniff.read_head(path, store))
-        if what == "text":
-            raise sniff.not_a_model_file(path, "text (or a pickle written as text)")
-    if kind != "safetensors":
-        raise errors.FormatError(
-            f"is a torch.save file ({kind}), not a safetensors/modelkeep file",
-            path=path,
-            fix="read it with modelkeep.read(), or rescue it with `modelkeep convert SRC DST`",
-        )
-    return store.read_header(path)
+    source = open_file_in(store, path)
+    header = source.metadata()
+    if header is not None:
+        return header
+    if sniff.looks_like(sniff.read_head(path, store)) == "text":
+        raise sniff.not_a_model_file(path, "text (or a pickle written as text)")
+    raise errors.FormatError(
+        f"is a torch.save file ({getattr(source, 'container', source.kind)}), not a safetensors/modelkeep file",
+        path=path,
+        fix="read it with modelkeep.read(), or rescue it with `modelkeep convert SRC DST`",
+    )
 
 
 def read(
@@ -230,19 +225,7 @@ def read(
     names = (trust,) if isinstance(trust, str) else tuple(trust)
     options = read_options(names + torch_safe_globals(), on_unknown, limits, encoding=encoding, mmap=bool(mmap))
     store, path = resolve(f, storage_options)
-    value, end = _read_in(store, path, options)
-    settle(store, end)
+    source = open_in(store, path, options)
+    value = source.data()
+    settle(source)
     return placement.move(value, map_location)
-
-
-def _read_in(store: storage.Storage, path: str, options: ReadOptions) -> tuple[Any, int | None]:
-    """What ``read`` returns for a resolved location, and where the object ends (None: all)."""
-    kind = sniff.sniff(path, store)
-    if kind in TORCH_SAVE_KINDS:
-        return torchsave.read(store, path, options)
-    if kind == "safetensors":
-        header = store.read_header(path)
-        if checkpoint.is_checkpoint(header):
-            return checkpoint.read_checkpoint(store, path, header=header)[1], None
-        return SafetensorsSource(store, path, header).tensors(), None  # the header is read once
-    return open_in(store, path, options).tensors(), None

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from rich.console import Console
 
-from modelkeep import sniff as sniffing
+from modelkeep import reading
 from modelkeep.demo import common, scripts
 
 VGG = "torchvision:vgg16"
@@ -52,7 +52,7 @@ class Tutorial(common.Part):
 
         entry = pretrained.resolve(VGG, VGG_WEIGHTS)
         local = pretrained.local_source(VGG, VGG_WEIGHTS, self.weights_path)
-        if local is not None and self.weights_path is not None and sniffing.sniff(local) != "safetensors":
+        if local is not None and self.weights_path is not None and reading.open_source(local).kind != "safetensors":
             pretrained.fetch(entry, local)  # hash-checked and cached in modelkeep format once
         named = local is not None
         with self.status("building vgg16"), common.timed() as ours:

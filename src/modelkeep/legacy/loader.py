@@ -160,14 +160,18 @@ def read_contents(
     sightings: list[Sighting] | None = None,
     encoding: str = "utf-8",
     mmap: bool = False,
+    container: str | None = None,
 ) -> Contents:
     """Read the torch.save/torch.jit.save file at ``path`` without running anything from it.
 
     ``sightings``, when given, collects every global the pickles name (``modelkeep scan``).
+    ``container`` (``"zip"``, ``"tar"``, ``"pickle"``) is the kind the read dispatch found
+    (``modelkeep.reading.open_in``); direct callers may leave it out and it is found here.
     """
     path = os.fspath(path)
     try:
-        return _read_contents(path, mode, trust, on_unknown, limits, check_crc, threads, sightings, encoding, mmap)
+        return _read_contents(path, mode, trust, on_unknown, limits, check_crc, threads, sightings, encoding, mmap,
+                              container)
     except errors.FormatError as e:
         if e.path is None:  # raised deep in the pickle machine, which knows no file
             e.path = path
@@ -181,10 +185,10 @@ def read_contents(
 
 def _read_contents(path: str, mode: str, trust: trusted.Trust | None, on_unknown: str, limits: Limits,
                    check_crc: bool, threads: int | None, sightings: list[Sighting] | None, encoding: str,
-                   mmap: bool) -> Contents:
+                   mmap: bool, container: str | None) -> Contents:
     ctx = _Context(path, mode, trust or trusted.Trust(), on_unknown, limits, check_crc, threads, sightings,
                    encoding=encoding, mmap=mmap)
-    kind = sniff(path)
+    kind = container if container is not None else sniff(path)
     if kind == "zip":
         contents = _read_zip(ctx)
     elif kind == "tar":

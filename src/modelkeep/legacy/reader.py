@@ -16,10 +16,12 @@ from modelkeep.options import DEFAULT_READ_OPTIONS, ReadOptions
 MODULE_KEYS = conventions.MODEL_KEYS  # one list for every reader (modelkeep.conventions)
 
 
-def _contents(path: str | os.PathLike[str], mode: str, options: ReadOptions) -> loader.Contents:
+def _contents(
+    path: str | os.PathLike[str], mode: str, options: ReadOptions, container: str | None = None
+) -> loader.Contents:
     return loader.read_contents(
         os.fspath(path), mode=mode, trust=trusted.Trust(options.trust), on_unknown=options.on_unknown,
-        limits=options.limits, encoding=options.encoding, mmap=options.mmap,
+        limits=options.limits, encoding=options.encoding, mmap=options.mmap, container=container,
     )
 
 
@@ -27,10 +29,11 @@ def read_object(
     path: str | os.PathLike[str],
     *,
     options: ReadOptions = DEFAULT_READ_OPTIONS,
+    container: str | None = None,
 ) -> tuple[Any, int | None]:
     """:func:`read`, and where the object ends in a stream-format file whose bytes go on (several
     objects saved into one stream); None where the object is the whole file."""
-    contents = _contents(path, VALUES, options)
+    contents = _contents(path, VALUES, options, container)
     if contents.container == "torchscript":
         return {"data": contents.value, "constants": contents.constants}, None
     return contents.value, contents.end
@@ -85,11 +88,12 @@ def open_weights(
     path: str | os.PathLike[str],
     *,
     options: ReadOptions = DEFAULT_READ_OPTIONS,
+    container: str | None = None,
 ) -> LegacyWeights:
     """Find the state dict of a torch.save file (directly saved, under a checkpoint key such as
     ``state_dict``/``model``, inside a whole pickled module, or a TorchScript module's parameters
     and buffers) without building anything or importing any class."""
-    contents = _contents(path, REFS, options)
+    contents = _contents(path, REFS, options, container)
     try:
         state, key = statedict.find(contents)
     except errors.ModelkeepError:
@@ -113,12 +117,13 @@ def read_module(
     path: str | os.PathLike[str],
     *,
     options: ReadOptions = DEFAULT_READ_OPTIONS,
+    container: str | None = None,
 ) -> torch.nn.Module:
     """The whole ``nn.Module`` pickled in a torch.save file (``torch.save(model, path)``), rebuilt
     from trusted classes only and left in the training mode it was saved in. A checkpoint that
     holds the module under one of ``conventions.MODEL_KEYS`` (``model``, ``module``, ``net``,
     ``ema``, ...) works too."""
-    value = read(path, options=dataclasses.replace(options, on_unknown="error"))
+    value, _ = read_object(path, options=dataclasses.replace(options, on_unknown="error"), container=container)
     if isinstance(value, torch.nn.Module):
         return value
     if isinstance(value, dict):
@@ -144,12 +149,14 @@ class Description:
     blobs: list[tensors.Blob]
 
 
-def describe(path: str | os.PathLike[str], *, options: ReadOptions = DEFAULT_READ_OPTIONS) -> Description:
+def describe(
+    path: str | os.PathLike[str], *, options: ReadOptions = DEFAULT_READ_OPTIONS, container: str | None = None
+) -> Description:
     """:class:`Description` of a torch.save file (unknown globals are described, not refused)."""
     sightings: list[Sighting] = []
     contents = loader.read_contents(
         os.fspath(path), mode=REFS, trust=trusted.Trust(options.trust), on_unknown="placeholder",
-        limits=options.limits, encoding=options.encoding, sightings=sightings,
+        limits=options.limits, encoding=options.encoding, sightings=sightings, container=container,
     )
     found: list[tuple[str, tensors.TensorRef]] = []
     seen: set[int] = set()

@@ -5,7 +5,8 @@ sharded folder or its index, a modelkeep training checkpoint (its model's state 
 torch.save file (its state dict, found without running anything). Operations above this layer
 (``load_weights``, ``load_state_dict``, ``convert``, ``diff``, ``predict``) branch on nothing:
 they ask for ``entries()`` to plan (names, shapes, dtypes, without reading a tensor byte) and
-then for ``read_into`` or ``tensors``.
+then for ``read_into`` or ``tensors``; ``read`` asks for ``data()``, and ``load``/``inspect`` for
+``metadata()`` (the header), or a torch.save source's ``module()``/``describe()``.
 """
 
 from __future__ import annotations
@@ -53,4 +54,13 @@ class TensorSource(Protocol):
 
     def tensors(self, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
         """Every tensor by name; names that are one tensor in the file share one tensor."""
+        ...
+
+    def data(self) -> Any:
+        """What ``torch.load`` would return for the file, built safely: a torch.save file's
+        object, a checkpoint's nested state, or the state dict (``modelkeep.read``)."""
+        ...
+
+    def metadata(self) -> Any:
+        """The validated ``format.Header`` of a safetensors/modelkeep file; None for other kinds."""
         ...

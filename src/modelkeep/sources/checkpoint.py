@@ -144,7 +144,16 @@ class CheckpointSource:
         self.store = store
         self.location = path
         self.header = header
-        self._names = {name: node["$tensor"] for name, node in _model_tree(header, path).items()}
+        self._model_names: dict[str, str] | None = None
+
+    @property
+    def _names(self) -> dict[str, str]:
+        """The model's tensor names -> stored names (found on first use: ``data`` needs none)."""
+        if self._model_names is None:
+            self._model_names = {
+                name: node["$tensor"] for name, node in _model_tree(self.header, self.location).items()
+            }
+        return self._model_names
 
     def entries(self) -> dict[str, Any]:
         return {name: self.header.entries[stored] for name, stored in self._names.items()}
@@ -154,6 +163,13 @@ class CheckpointSource:
 
     def tensors(self, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
         return self._tensors(device, verify=True)
+
+    def data(self) -> Any:
+        """The checkpoint's nested state, every tensor checked against its digest."""
+        return read_checkpoint(self.store, self.location, header=self.header)[1]
+
+    def metadata(self) -> format.Header:
+        return self.header
 
     def tensors_unverified(self, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
         """:meth:`tensors` without the digest check (to rescue a damaged checkpoint)."""

@@ -45,3 +45,9 @@ class SafetensorsSource:
         for alias, target in self.header.aliases.items():
             out[alias] = out[target]
         return out
+
+    def data(self) -> dict[str, torch.Tensor]:
+        return self.tensors()
+
+    def metadata(self) -> format.Header:
+        return self.header

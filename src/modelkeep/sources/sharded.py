@@ -134,3 +134,9 @@ class ShardedSource:
         for shard in self.shards.values():
             out.update(shard.tensors(device))
         return out
+
+    def data(self) -> dict[str, torch.Tensor]:
+        return self.tensors()
+
+    def metadata(self) -> None:
+        return None  # an index, not one file: each shard has its own header

@@ -68,90 +68,113 @@ def local_copy(store: Storage, path: str) -> Iterator[str]:
 
 
 class TorchSaveSource:
-    """The state dict of a torch.save file as a tensor source (``legacy.LegacyWeights`` inside).
+    """A torch.save file (zip, stream, tar; ``container``) as a source, read lazily.
 
-    For a file on an object store the reader works on a private local copy, removed when the
-    source is; errors raised while reading it later still name the caller's location.
+    ``entries``/``read_into``/``tensors`` give its state dict (``legacy.open_weights``: found
+    under a checkpoint key, in a pickled module, in TorchScript), ``data`` what ``torch.load``
+    would return, ``module`` a whole pickled module, ``describe`` its tensors and globals; none of
+    them runs anything from the file. A file on an object store (or in memory) is read from a
+    private local copy, made once and removed with the source; errors name the caller's location.
     """
 
     kind = "torch.save"
 
-    def __init__(self, weights: Any, location: str, spooled: str | None = None) -> None:
-        self._weights = weights
+    def __init__(self, store: Storage, location: str, options: ReadOptions, container: str) -> None:
+        self.store = store
         self.location = location
-        self.source_key: str | None = weights.source_key
-        self.end: int | None = weights.end  # where the object ends when more bytes follow it
-        self.left_out: list[str] = weights.left_out  # a checkpoint's entries that are not the weights
-        self._spooled = spooled
-        if spooled is not None:
-            weakref.finalize(self, _remove, spooled)
+        self.options = options
+        self.container = container  # "zip", "tar" or "pickle", as the dispatch found it
+        self.end: int | None = None  # where the object ends when more bytes follow it (``data``)
+        self._weights: Any = None
+        self._local: str | None = store.local_path(location)
+        self._spooled: str | None = None
+
+    def _path(self) -> str:
+        if self._local is None:
+            self._spooled = self._local = _spool(self.store, self.location)
+            weakref.finalize(self, _remove, self._spooled)
+        return self._local
 
     def _named(self) -> contextlib.AbstractContextManager[None]:
         return _named_as(self.location, self._spooled) if self._spooled else contextlib.nullcontext()
 
+    def weights(self) -> Any:
+        """The ``legacy.LegacyWeights`` of the state dict (found once)."""
+        if self._weights is None:
+            from modelkeep import legacy  # imported on first use: keeps ``import modelkeep`` light
+
+            path = self._path()
+            with self._named():
+                self._weights = legacy.open_weights(path, options=self.options, container=self.container)
+            self.end = self._weights.end
+        return self._weights
+
+    @property
+    def source_key(self) -> str | None:
+        return self.weights().source_key
+
+    @property
+    def left_out(self) -> list[str]:
+        """A checkpoint's entries that are not the weights (optimizer state, epoch, ...)."""
+        return self.weights().left_out
+
     def entries(self) -> dict[str, Any]:
-        return self._weights.entries()
+        return self.weights().entries()
 
     def read_into(self, pairs: Sequence[tuple[Any, torch.Tensor]], *, threads: int | None = None) -> int:
+        weights = self.weights()
         with self._named():
-            return self._weights.read_into(pairs, threads=threads)
+            return weights.read_into(pairs, threads=threads)
 
     def tensors(self, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+        weights = self.weights()
         with self._named():
-            return self._weights.tensors(device)
+            return weights.tensors(device)
 
+    def metadata(self) -> None:
+        return None  # a pickle has no header: ``describe`` tells what it holds
 
-def open_weights(store: Storage, path: str, options: ReadOptions) -> TorchSaveSource:
-    """The state dict of a torch.save file, found without running anything (see
-    ``legacy.open_weights``: under a checkpoint key, in a pickled module, in TorchScript)."""
-    from modelkeep import legacy  # imported on first use: keeps ``import modelkeep`` light
+    def data(self) -> Any:
+        """What ``torch.load`` would return, built without running the file."""
+        from modelkeep import legacy
 
-    local = store.local_path(path)
-    if local is not None:
-        return TorchSaveSource(legacy.open_weights(local, options=options), path)
-    spooled = _spool(store, path)
-    try:
-        with _named_as(path, spooled):
-            return TorchSaveSource(legacy.open_weights(spooled, options=options), path, spooled)
-    except BaseException:
-        _remove(spooled)
-        raise
+        path = self._path()
+        with self._named():
+            value, self.end = legacy.read_object(path, options=self.options, container=self.container)
+        return value
+
+    def module(self) -> torch.nn.Module:
+        """The whole pickled ``nn.Module`` (trusted classes only)."""
+        from modelkeep import legacy
+
+        path = self._path()
+        with self._named():
+            return legacy.read_module(path, options=self.options, container=self.container)
+
+    def describe(self) -> Any:
+        """``legacy.Description``: tensors and globals, nothing built (``modelkeep inspect``)."""
+        from modelkeep import legacy
+
+        path = self._path()
+        with self._named():
+            return legacy.describe(path, options=self.options, container=self.container)
+
+    def check_crcs(self, blobs: Sequence[Any]) -> list[str]:
+        """The names of the zip entries among ``blobs`` whose bytes do not match their CRC-32."""
+        from modelkeep.legacy import tensors as legacy_tensors
+
+        bad = []
+        with self._named():
+            for blob in blobs:
+                if blob.crc is None:
+                    continue
+                try:
+                    legacy_tensors.read_blob(blob, check_crc=True)
+                except errors.FormatError:
+                    bad.append(blob.name)
+        return bad
 
 
 def _remove(path: str) -> None:
     with contextlib.suppress(OSError):
         os.unlink(path)
-
-
-def read(store: Storage, path: str, options: ReadOptions) -> tuple[Any, int | None]:
-    """What ``torch.load`` would return for a torch.save file, built without running it, and
-    where the object ends when more bytes follow it (a stream-format file; else None)."""
-    from modelkeep import legacy
-
-    with local_copy(store, path) as local, _named_as(path, local):
-        return legacy.read_object(local, options=options)
-
-
-def describe(store: Storage, path: str, options: ReadOptions) -> Any:
-    """``legacy.Description`` of a torch.save file: its tensors and the globals it names, with
-    nothing built or run (``modelkeep inspect``)."""
-    from modelkeep import legacy
-
-    with local_copy(store, path) as local, _named_as(path, local):
-        return legacy.describe(local, options=options)
-
-
-def check_crcs(store: Storage, path: str, blobs: Sequence[Any]) -> list[str]:
-    """The names of the zip entries among ``blobs`` whose bytes do not match their CRC-32."""
-    from modelkeep.legacy import tensors as legacy_tensors
-
-    bad = []
-    with local_copy(store, path) as local, _named_as(path, local):
-        for blob in blobs:
-            if blob.crc is None:
-                continue
-            try:
-                legacy_tensors.read_blob(blob, check_crc=True)
-            except errors.FormatError:
-                bad.append(blob.name)
-    return bad
