@@ -253,3 +253,24 @@ def test_device_moves_keep_shared_storages_for_every_source(tmp_path, fmt) -> No
     for location in (tied, str(tied)):
         loaded = mk.load_state_dict(location, device="meta")
         assert loaded["head"] is loaded["embed"] and loaded["embed"].device.type == "meta"
+
+
+@pytest.mark.parametrize("setting", ["LITTLE", "BIG"])
+def test_archives_without_a_byteorder_record_follow_torchs_setting(tmp_path, setting) -> None:
+    stream = io.BytesIO()
+    torch.save({"x": torch.arange(4, dtype=torch.int32)}, stream)
+    source = zipfile.ZipFile(io.BytesIO(stream.getvalue()))
+    path = tmp_path / "old.pt"
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED) as out:
+        for info in source.infolist():
+            if not info.filename.endswith("/byteorder"):
+                out.writestr(info, source.read(info.filename))
+    before = torch.serialization.get_default_load_endianness()
+    torch.serialization.set_default_load_endianness(getattr(torch.serialization.LoadEndianness, setting))
+    try:
+        expected = torch.load(path, weights_only=True)
+        ours = mk.read(path)
+    finally:
+        torch.serialization.set_default_load_endianness(before)
+    assert torch.equal(ours["x"], expected["x"])
+    assert (ours["x"].tolist() == [0, 1, 2, 3]) == (setting == "LITTLE")

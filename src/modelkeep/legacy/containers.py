@@ -17,8 +17,11 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 import tarfile
 from typing import Any
+
+import torch
 
 from modelkeep import errors
 from modelkeep.legacy import tensors
@@ -41,6 +44,15 @@ def is_magic(first: bytes) -> bool:
         body = body[9:]
     binary = b"\x8a\x0a" + MAGIC_NUMBER.to_bytes(10, "little") + b"."
     return body in (binary, f"L{MAGIC_NUMBER}L\n.".encode(), f"I{MAGIC_NUMBER}\n.".encode())
+
+
+def _default_load_endianness() -> str | None:
+    """``torch.serialization.get_default_load_endianness()`` as ``"little"``/``"big"`` (None:
+    torch's default, the machine's own order, which is little on every platform torch ships for)."""
+    setting = torch.serialization.get_default_load_endianness()
+    if setting is None:
+        return None
+    return sys.byteorder if setting.name == "NATIVE" else setting.name.lower()
 
 
 def _bad(path: str, what: str, item: str | None = None) -> errors.FormatError:
@@ -97,6 +109,8 @@ class TorchZip:
         byteorder = self.record("byteorder")
         if byteorder not in (None, b"little", b"big"):
             raise _bad(path, "byteorder record must be 'little' or 'big'", f"{self.folder}/byteorder")
+        if byteorder is None:  # archives from before the record: torch's setting decides, as in torch.load
+            byteorder = b"big" if _default_load_endianness() == "big" else b"little"
         self.big_endian = byteorder == b"big"
         version = self.record("version")
         if version is not None and not re.fullmatch(rb"\s*\d{1,4}\s*", version):
