@@ -118,7 +118,7 @@ def test_open_in_is_the_only_place_that_asks_what_kind_of_file_this_is() -> None
     import ast
     import pathlib
 
-    package = pathlib.Path(reading.__file__).parent
+    package = pathlib.Path(__file__).resolve().parents[1] / "src" / "modelkeep"
     allowed = {("reading.py", "open_in"), ("scanning.py", "scan_file"), ("legacy/loader.py", "_read_contents"),
                ("legacy/loader.py", "sniff")}
     found = set()

@@ -269,6 +269,7 @@ def load(
     device: torch.device | str | None = None,
     trust: tuple[str, ...] | list[str] = (),
     mmap: bool = False,
+    verify: bool = False,
     storage_options: Mapping[str, Any] | None = None,
 ) -> torch.nn.Module:
     """A ready ``nn.Module`` in ``eval()`` from a file written by ``save``.
@@ -290,6 +291,8 @@ def load(
         device: where the model goes.
         trust: extra dotted namespaces whose factories (or pickled classes) may be used.
         mmap: map a local file copy-on-write instead of copying (CPU only).
+        verify: check every tensor read against the file's digests (see ``load_weights``; a
+            mapped file is not read up front, so ``mmap=True`` leaves the check to ``verify``).
         storage_options: for the fsspec file system of a URL.
 
     Returns:
@@ -324,7 +327,7 @@ def load(
             fix="re-save it with modelkeep.save",
         )
     model, extras = rebuild.build_model(record, opened, trust=trust)  # a SafetensorsSource
-    rebuild.fill(model, opened, extras, device=device, mmap=mmap)
+    rebuild.fill(model, opened, extras, device=device, mmap=mmap, verify_digests=verify)
     if record.get("strategy") == "factory":  # so that a loaded model saves again without hints
         object.__setattr__(model, RECIPE_ATTR, {"factory": record["factory"], "kwargs": record["kwargs"]})
     spec_module.attach(model, spec_module.from_header(header))

@@ -17,6 +17,7 @@ import torch
 from modelkeep import conventions, errors, format, statetree
 from modelkeep.io import buffers
 from modelkeep._version import __version__
+from modelkeep.sources import ranges
 from modelkeep.sources.base import TensorSource
 
 
@@ -143,6 +144,7 @@ class LoadReport:
         default_factory=list
     )
     dtype_conversions: list[tuple[str, str, str]] = dataclasses.field(default_factory=list)
+    verified: int = 0  # tensors whose bytes were checked against the file's digests on load
     renamed_prefix: str | None = None
     uninitialized: list[str] = dataclasses.field(default_factory=list)  # meta tensors not in the file
     bytes_read: int = 0
@@ -310,6 +312,7 @@ def load_into(
     eval_mode: bool = True,
     threads: int | None = None,
     started: float | None = None,
+    verify: bool = False,
 ) -> LoadReport:
     """Fill ``model``'s own parameters and buffers from ``source`` (the core of ``load_weights``).
 
@@ -320,7 +323,7 @@ def load_into(
     Args:
         model: the module to fill.
         source: any tensor source (see ``modelkeep.reading.open_source``).
-        strict, device, dtype, fix_prefixes, eval_mode, threads: as ``modelkeep.load_weights``.
+        strict, device, dtype, fix_prefixes, eval_mode, threads, verify: as ``modelkeep.load_weights``.
         started: ``time.perf_counter()`` when the caller's operation began (for the report).
 
     Returns:
@@ -388,6 +391,9 @@ def load_into(
             pairs.append((entry, tensor))  # the engine writes bytes only, never autograd history
     with torch.no_grad():
         report.bytes_read = source.read_into(pairs, threads=threads)  # local files: io.tensors.read_into
+    digests = source.digests() if verify and hasattr(source, "digests") else {}
+    if digests:
+        report.verified = ranges.check_filled(pairs, digests, path, threads=threads)
     if eval_mode:
         model.eval()
     report.seconds = time.perf_counter() - started

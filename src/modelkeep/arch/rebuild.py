@@ -255,9 +255,11 @@ def fill(
     *,
     device: torch.device | str | None,
     mmap: bool = False,
+    verify_digests: bool = False,
 ) -> None:
     """Fill ``model`` from the file (``load_weights`` semantics: names and shapes checked first,
-    bytes straight into the parameters), put back the extra tensors, leave it in eval().
+    bytes straight into the parameters, digests checked with ``verify_digests``), put back the extra
+    tensors, leave it in eval().
 
     With ``mmap`` (CPU only) the tensors become copy-on-write views of a private mapping of the
     file: nothing is copied up front, pages arrive as the first forward pass touches them."""
@@ -281,7 +283,7 @@ def fill(
     on_cpu = device is None or torch.device(device).type == "cpu"
     local = source.store.local_path(source.location)
     if not (mmap and on_cpu and local is not None and _map_into(model, header, entries, local)):
-        weights.load_into(model, source, strict=False, device=device)
+        weights.load_into(model, source, strict=False, device=device, verify=verify_digests)
     _put_extras(model, extras, values, header.path)  # materialising replaced them with empty memory
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if left:

@@ -171,6 +171,12 @@ class CheckpointSource:
     def metadata(self) -> format.Header:
         return self.header
 
+    def digests(self) -> dict[str, str]:
+        """``{stored name: digest}`` recorded at save time."""
+        from modelkeep.sources.safetensors import recorded_digests
+
+        return recorded_digests(self.header)
+
     def tensors_unverified(self, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
         """:meth:`tensors` without the digest check (to rescue a damaged checkpoint)."""
         return self._tensors(device, verify=False)

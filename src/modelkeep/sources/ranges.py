@@ -10,7 +10,7 @@ or layout), one staging buffer at a time.
 from __future__ import annotations
 
 import os
-from typing import Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
@@ -165,3 +165,43 @@ def digests_of(
             if progress is not None:
                 progress(entry.nbytes)
     return out
+
+
+def check_filled(
+    pairs: Sequence[tuple[Any, torch.Tensor]], digests: Mapping[str, str], path: str, *, threads: int | None = None
+) -> int:
+    """Recompute the digest of each destination that received an entry's bytes unchanged (CPU,
+    the entry's dtype, C order) and compare it with the recorded one; return how many were checked.
+
+    Destinations that were converted (another dtype or device) are not checked here: ``modelkeep
+    verify`` checks the file itself.
+
+    Raises:
+        IntegrityError: a tensor's bytes differ from its digest (the file changed after it was written).
+    """
+    import concurrent.futures
+
+    checkable = [
+        (entry, tensor) for entry, tensor in pairs
+        if getattr(entry, "name", None) in digests and tensor.device.type == "cpu"
+        and tensor.dtype == entry.torch_dtype and tensor.is_contiguous() and not tensor.is_conj() and not tensor.is_neg()
+    ]
+
+    def one(pair: tuple[Any, torch.Tensor]) -> str | None:
+        entry, tensor = pair
+        data, nbytes = buffers.cpu_bytes(tensor)
+        actual = hashing.digest(data) if nbytes else hashing.EMPTY_DIGEST
+        return None if actual == digests[entry.name] else entry.name
+
+    with concurrent.futures.ThreadPoolExecutor(max(1, threads or reads.io_threads())) as pool:
+        bad = [name for name in pool.map(one, checkable) if name is not None]
+    if bad:
+        raise errors.IntegrityError(
+            f"{len(bad)} tensor(s) do not match the digests recorded when the file was written: "
+            + ", ".join(bad[:10]) + (" ..." if len(bad) > 10 else ""),
+            path=path,
+            item=bad[0],
+            fix="the file was damaged after it was saved (disk, copy or download); the model now holds the "
+            "damaged values: load from a good copy (modelkeep verify FILE checks one)",
+        )
+    return len(checkable)

@@ -7,7 +7,7 @@ from typing import Any, Sequence
 
 import torch
 
-from modelkeep import format
+from modelkeep import format, hashing
 from modelkeep.sources import ranges
 from modelkeep.storage import Storage
 
@@ -49,5 +49,15 @@ class SafetensorsSource:
     def data(self) -> dict[str, torch.Tensor]:
         return self.tensors()
 
+    def digests(self) -> dict[str, str]:
+        """``{stored name: digest}`` recorded at save time (empty when there is none)."""
+        return recorded_digests(self.header)
+
     def metadata(self) -> format.Header:
         return self.header
+
+
+def recorded_digests(header: format.Header) -> dict[str, str]:
+    """The digests a file recorded, when modelkeep can recompute them; else none."""
+    record = hashing.read_record(header, require_known=False)
+    return dict(record.tensors) if record is not None and record.known else {}

@@ -138,5 +138,12 @@ class ShardedSource:
     def data(self) -> dict[str, torch.Tensor]:
         return self.tensors()
 
+    def digests(self) -> dict[str, str]:
+        """Every shard's recorded digests (names are unique across shards)."""
+        out: dict[str, str] = {}
+        for shard in self.shards.values():
+            out.update(getattr(shard, "digests", dict)())
+        return out
+
     def metadata(self) -> None:
         return None  # an index, not one file: each shard has its own header

@@ -134,6 +134,9 @@ class TorchSaveSource:
     def metadata(self) -> None:
         return None  # a pickle has no header: ``describe`` tells what it holds
 
+    def digests(self) -> dict[str, str]:
+        return {}  # zip archives' CRC-32s are checked as each storage is read
+
     def data(self) -> Any:
         """What ``torch.load`` would return, built without running the file."""
         from modelkeep import legacy
