@@ -274,3 +274,28 @@ def test_archives_without_a_byteorder_record_follow_torchs_setting(tmp_path, set
         torch.serialization.set_default_load_endianness(before)
     assert torch.equal(ours["x"], expected["x"])
     assert (ours["x"].tolist() == [0, 1, 2, 3]) == (setting == "LITTLE")
+
+
+def test_map_location_sees_the_location_the_file_recorded() -> None:
+    stream = io.BytesIO()
+    torch.save({"w": torch.arange(3.0), "v": torch.arange(2)}, stream, _use_new_zipfile_serialization=False)
+    data = stream.getvalue()
+    assert data.count(b"X\x03\x00\x00\x00cpu") == 1  # the first storage's location; the second refers back
+    data = data.replace(b"X\x03\x00\x00\x00cpu", b"X\x06\x00\x00\x00cuda:0")  # as a GPU machine wrote it
+    seen_theirs: list[str] = []
+    seen_ours: list[str] = []
+    theirs = torch.load(io.BytesIO(data), map_location=lambda s, loc: seen_theirs.append(loc) or s, weights_only=True)
+    ours = mk.read(data, map_location=lambda s, loc: seen_ours.append(loc) or s)
+    assert sorted(seen_ours) == sorted(seen_theirs) == ["cuda:0", "cuda:0"]
+    same(ours, theirs)
+    for remap in ({"cuda:0": "cpu"}, {"cuda:0": "meta"}):
+        expected = torch.load(io.BytesIO(data), map_location=remap, weights_only=True)
+        assert mk.read(data, map_location=remap)["w"].device == expected["w"].device, remap
+    if not torch.cuda.is_available():  # torch raises; modelkeep puts the tensors on the CPU
+        with pytest.raises(RuntimeError, match="CUDA"):  # a remap that leaves cuda:0 where it was
+            torch.load(io.BytesIO(data), map_location={"cpu": "meta"}, weights_only=True)
+        with pytest.raises(mk.InvalidArgumentError, match="does not have"):
+            mk.read(data, map_location={"cpu": "meta"})
+        with pytest.raises(RuntimeError, match="CUDA"):
+            torch.load(io.BytesIO(data), weights_only=True)
+        assert mk.read(data)["w"].device.type == "cpu"

@@ -13,7 +13,7 @@ from __future__ import annotations
 import codecs
 import dataclasses
 import re
-from typing import Iterable, Literal
+from typing import Any, Iterable, Literal
 
 from modelkeep import errors
 
@@ -61,6 +61,8 @@ class ReadOptions:
             ``encoding=``): a codec name, or ``"bytes"`` to keep them as bytes.
         mmap: tensor data of torch.save zip files on disk is a private mapping of the file
             (torch.load's ``mmap=True``) instead of a copy in memory.
+        map_location: where torch.save files' storages go (torch.load's ``map_location``),
+            applied per storage with the location the file recorded.
     """
 
     trust: tuple[str, ...] = ()
@@ -68,6 +70,7 @@ class ReadOptions:
     limits: Limits = DEFAULT_LIMITS
     encoding: str = "utf-8"
     mmap: bool = False
+    map_location: Any = None  # torch.load's, checked by ``io.placement.check`` at the boundary
 
     def __post_init__(self) -> None:
         for name in self.trust:
@@ -136,6 +139,7 @@ def read_options(
     *,
     encoding: str = "utf-8",
     mmap: bool = False,
+    map_location: Any = None,
 ) -> ReadOptions:
     """The checked :class:`ReadOptions` for a public function's keyword arguments.
 
@@ -145,6 +149,7 @@ def read_options(
         limits: bounds on the reader's work; the defaults when None.
         encoding: pickle's ``encoding=`` for Python 2 strings (a codec name or ``"bytes"``).
         mmap: map torch.save zip files' tensor data instead of copying it.
+        map_location: torch.load's, for torch.save files (checked by the caller).
 
     Returns:
         A frozen ReadOptions (the shared default instance when every argument is a default).
@@ -154,9 +159,10 @@ def read_options(
         InvalidArgumentError: ``encoding`` or ``mmap`` is not.
     """
     names = (trust,) if isinstance(trust, str) else tuple(trust)
-    if not names and on_unknown == "error" and limits is None and encoding == "utf-8" and mmap is False:
+    if (not names and on_unknown == "error" and limits is None and encoding == "utf-8" and mmap is False
+            and map_location is None):
         return DEFAULT_READ_OPTIONS
     return ReadOptions(
         names, on_unknown, limits if limits is not None else DEFAULT_LIMITS,  # type: ignore[arg-type]
-        encoding=encoding, mmap=mmap,
+        encoding=encoding, mmap=mmap, map_location=map_location,
     )

@@ -223,9 +223,12 @@ def read(
     del pickle_module, weights_only  # accepted for torch.load's signature; see the docstring
     placement.check(map_location)
     names = (trust,) if isinstance(trust, str) else tuple(trust)
-    options = read_options(names + torch_safe_globals(), on_unknown, limits, encoding=encoding, mmap=bool(mmap))
+    options = read_options(names + torch_safe_globals(), on_unknown, limits, encoding=encoding, mmap=bool(mmap),
+                           map_location=map_location)
     store, path = resolve(f, storage_options)
     source = open_in(store, path, options)
     value = source.data()
     settle(source)
+    if source.kind == "torch.save":
+        return value  # placed storage by storage while it was built, with the recorded locations
     return placement.move(value, map_location)

@@ -5,20 +5,20 @@ torch restores every storage with ``restore_location(storage, location)``, ``loc
 device the file recorded (``"cpu"``, ``"cuda:0"``); ``map_location`` chooses how:
 
 =============================  ============================================================
-``map_location``               where a storage goes
+``map_location``               where a storage saved at ``location`` goes
 =============================  ============================================================
-``None``                       where it was read: the CPU
+``None``                       ``location`` (modelkeep: the CPU when the machine lacks that
+                               device, where torch raises)
 ``"cpu"``, ``"cuda:1"``,       that device
 ``"meta"``, a ``torch.device``
 a dict                         ``map_location.get(location, location)``
 a callable                     ``map_location(storage, location)`` (a storage on the CPU);
-                               when it returns None, where it was read
+                               when it returns None, ``location``
 =============================  ============================================================
 
-One departure: modelkeep's readers do not yet keep the device a torch.save file recorded, so
-``location`` is where the bytes were read (``"cpu"``): a dict keyed by ``"cuda:0"`` and a callable
-looking for it see ``"cpu"``, and ``None`` leaves CUDA-saved tensors on the CPU where torch would
-put them back on the GPU (and raise on a machine without one).
+torch.save files record each storage's ``location`` and the legacy reader restores storage by
+storage with it (``legacy.tensors.StorageLoader.placed_bytes``); safetensors and modelkeep files
+record none, so their tensors, read on the CPU, are moved with ``location="cpu"``.
 
 Storages are moved, never tensors, so tensors that shared a storage in the file share one after
 the move (torch's own guarantee). :func:`restore` moves one storage; :func:`move` moves every

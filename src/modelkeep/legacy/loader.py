@@ -52,7 +52,7 @@ class _Context:
 
     def __init__(self, path: str, mode: str, trust: trusted.Trust, on_unknown: str, limits: Limits,
                  check_crc: bool, threads: int | None, sightings: list[Sighting] | None = None,
-                 encoding: str = "utf-8", mmap: bool = False) -> None:
+                 encoding: str = "utf-8", mmap: bool = False, map_location: Any = None) -> None:
         self.path = path
         self.encoding = encoding
         self.mode = mode
@@ -61,7 +61,8 @@ class _Context:
         self.limits = limits
         self.offences: list[Offence] = []
         self.sightings = sightings
-        self.loader = tensors.StorageLoader(check_crc=check_crc, threads=threads, mmap=mmap)
+        self.loader = tensors.StorageLoader(check_crc=check_crc, threads=threads, mmap=mmap,
+                                            map_location=map_location)
         self.stream_end: int | None = None  # the top-level stream's end: bytes after it are not its
 
     def policy(self, mode: str, storages: StorageProvider | None, item: str, *, torchscript: bool = False,
@@ -161,6 +162,7 @@ def read_contents(
     encoding: str = "utf-8",
     mmap: bool = False,
     container: str | None = None,
+    map_location: Any = None,
 ) -> Contents:
     """Read the torch.save/torch.jit.save file at ``path`` without running anything from it.
 
@@ -171,7 +173,7 @@ def read_contents(
     path = os.fspath(path)
     try:
         return _read_contents(path, mode, trust, on_unknown, limits, check_crc, threads, sightings, encoding, mmap,
-                              container)
+                              container, map_location)
     except errors.FormatError as e:
         if e.path is None:  # raised deep in the pickle machine, which knows no file
             e.path = path
@@ -185,9 +187,9 @@ def read_contents(
 
 def _read_contents(path: str, mode: str, trust: trusted.Trust | None, on_unknown: str, limits: Limits,
                    check_crc: bool, threads: int | None, sightings: list[Sighting] | None, encoding: str,
-                   mmap: bool, container: str | None) -> Contents:
+                   mmap: bool, container: str | None, map_location: Any = None) -> Contents:
     ctx = _Context(path, mode, trust or trusted.Trust(), on_unknown, limits, check_crc, threads, sightings,
-                   encoding=encoding, mmap=mmap)
+                   encoding=encoding, mmap=mmap, map_location=map_location)
     kind = container if container is not None else sniff(path)
     if kind == "zip":
         contents = _read_zip(ctx)
@@ -340,7 +342,7 @@ def _tar_storages(ctx: _Context, data: Any, layout: containers.TarLayout, storag
         header, pos = ctx.run(data, pos, policy())
         if type(header) is not tuple or len(header) != 3 or not isinstance(header[2], tensors.StorageType):
             raise _tar_error(ctx, "storage header must be (key, location, storage type)", "storages")
-        key, _location, kind = header
+        key, location, kind = header
         if type(key) not in (int, str) or pos + 8 > end:  # strings before torch 0.4
             raise _tar_error(ctx, "storage key must be an integer or a string", "storages")
         numel = int.from_bytes(data[pos : pos + 8], "little")
@@ -349,7 +351,8 @@ def _tar_storages(ctx: _Context, data: Any, layout: containers.TarLayout, storag
         if pos + nbytes > end or key in storages.objects:
             raise _tar_error(ctx, "a storage runs past its member or repeats a key", "storages")
         blob = tensors.Blob(ctx.path, f"storages[{key}]", pos, nbytes, dtype=kind.dtype)
-        storages.objects[key] = tensors.StorageRef(blob, kind.dtype, 0, nbytes)
+        storages.objects[key] = tensors.StorageRef(blob, kind.dtype, 0, nbytes,
+                                                   location=location if type(location) is str else "cpu")
         pos += nbytes
     views, pos = ctx.run(data, pos, policy())
     ctx.whole(pos - begin, size, "storages", "the member's storage views")
@@ -366,7 +369,8 @@ def _tar_storages(ctx: _Context, data: Any, layout: containers.TarLayout, storag
         element = root.itemsize
         if (offset + numel) * element > root.nbytes:
             raise _tar_error(ctx, "a storage view reaches past its storage", "storages")
-        storages.objects[target] = tensors.StorageRef(root.blob, root.dtype, offset * element, numel * element)
+        storages.objects[target] = tensors.StorageRef(root.blob, root.dtype, offset * element, numel * element,
+                                                      location=root.location)
 
 
 def _tar_tensors(ctx: _Context, data: Any, layout: containers.TarLayout, storages: containers.TarStorages) -> None:

@@ -366,6 +366,7 @@ class Policy:
         if type(numel) is not int or not 0 <= numel < tensors.MAX_ELEMENTS:
             raise ValueError("storage size must be a non-negative integer")
         ref = self.storages.storage(kind, key, numel, view, pos)
+        ref.location = location  # where torch.load would restore it (see ``io.placement``)
         return self._storage_value(ref, kind)
 
     def persistent_text(self, text: str, pos: int) -> Any:

@@ -22,6 +22,7 @@ def _contents(
     return loader.read_contents(
         os.fspath(path), mode=mode, trust=trusted.Trust(options.trust), on_unknown=options.on_unknown,
         limits=options.limits, encoding=options.encoding, mmap=options.mmap, container=container,
+        map_location=options.map_location,
     )
 
 

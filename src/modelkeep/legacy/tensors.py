@@ -19,7 +19,7 @@ from typing import Any, Callable
 import torch
 
 from modelkeep import errors, format
-from modelkeep.io import reads
+from modelkeep.io import placement, reads
 from modelkeep.io.buffers import tensor_bytes
 from modelkeep.io import tensors as tensor_io
 
@@ -106,6 +106,7 @@ class StorageRef:
     start: int  # bytes into the blob
     nbytes: int
     untyped: bool = False
+    location: str = "cpu"  # the device the file recorded for the storage ("cuda:0", ...)
 
     @property
     def itemsize(self) -> int:
@@ -223,10 +224,14 @@ def check_view(
 class StorageLoader:
     """Reads each blob once (CRC-checked, byte-swapped) and builds tensors over it."""
 
-    def __init__(self, *, check_crc: bool = True, threads: int | None = None, mmap: bool = False) -> None:
+    def __init__(
+        self, *, check_crc: bool = True, threads: int | None = None, mmap: bool = False, map_location: Any = None
+    ) -> None:
         self.check_crc = check_crc
         self.threads = threads
         self.mmap = mmap
+        self.map_location = map_location  # torch.load's, applied per storage (``io.placement``)
+        self._placed: dict[int, torch.Tensor] = {}
         self._loaded: dict[int, tuple[Blob, torch.Tensor]] = {}
         self._mapped: dict[str, torch.UntypedStorage] = {}
 
@@ -285,19 +290,36 @@ class StorageLoader:
         for blob, out in buffers:
             self._loaded[id(blob)] = (blob, out)
 
+    def placed_bytes(self, blob: Blob, location: str) -> torch.Tensor:
+        """The blob's bytes where ``map_location`` sends a storage the file recorded at
+        ``location`` (torch's ``restore_location``), moved once per blob so that everything built
+        on it shares it; the bytes as read when nothing moves."""
+        data = self.bytes_of(blob)
+        if self.map_location is None and location == "cpu":
+            return data
+        placed = self._placed.get(id(blob))
+        if placed is None:
+            storage = placement.restore(data.untyped_storage(), location, self.map_location)
+            placed = torch.empty((0,), dtype=torch.uint8, device=storage.device)
+            placed.set_(storage)
+            self._placed[id(blob)] = placed
+        return placed
+
     def storage(self, ref: StorageRef) -> torch.UntypedStorage:
-        whole = self.bytes_of(ref.blob).untyped_storage()
+        whole = self.placed_bytes(ref.blob, ref.location).untyped_storage()
         if ref.start == 0 and ref.nbytes == ref.blob.nbytes:
             return whole
+        if whole.device.type == "meta":  # meta storages cannot be sliced; they hold no bytes anyway
+            return torch.UntypedStorage(ref.nbytes, device="meta")
         return whole[ref.start : ref.start + ref.nbytes]  # a view sharing the blob's memory
 
     def tensor(self, ref: TensorRef) -> torch.Tensor:
-        data = self.bytes_of(ref.storage.blob)
+        data = self.placed_bytes(ref.storage.blob, ref.storage.location)
         element = _itemsize(ref.torch_dtype)
         base = ref.storage.start // element
         if ref.torch_dtype in QUANTIZED:
             raise ValueError("quantized tensors are not supported")
-        tensor = torch.empty((0,), dtype=ref.torch_dtype)
+        tensor = torch.empty((0,), dtype=ref.torch_dtype, device=data.device)
         tensor.set_(data.untyped_storage(), base + ref.offset, ref.shape, ref.stride)
         if ref.metadata:
             torch._C._set_tensor_metadata(tensor, dict(ref.metadata))  # conj/neg bits only
