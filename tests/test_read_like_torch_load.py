@@ -16,7 +16,7 @@ import torch
 
 import modelkeep as mk
 from modelkeep.legacy import tensors as legacy_tensors
-from test_legacy_support import same
+from test_legacy_support import same, write_tar
 
 FORMATS = {"zip": True, "legacy": False}
 
@@ -299,3 +299,24 @@ def test_map_location_sees_the_location_the_file_recorded() -> None:
         with pytest.raises(RuntimeError, match="CUDA"):
             torch.load(io.BytesIO(data), weights_only=True)
         assert mk.read(data)["w"].device.type == "cpu"
+
+
+def test_bytes_and_file_objects_are_read_in_memory_without_a_temporary_copy(tmp_path, monkeypatch) -> None:
+    from modelkeep.sources import torchsave
+
+    def no_spool(*args, **kwargs):
+        raise AssertionError("bytes in memory must be read in place")
+
+    monkeypatch.setattr(torchsave, "_spool", no_spool)
+    tar = tmp_path / "old.pt"
+    write_tar(str(tar), {"w": torch.arange(3.0)})
+    for data in (saved("zip"), saved("legacy"), tar.read_bytes()):
+        expected = mk.read(tar) if data == tar.read_bytes() else torch.load(io.BytesIO(data), weights_only=True)
+        same(mk.read(io.BytesIO(data)), expected)
+        assert mk.inspect(tmp_path / "old.pt").tensors  # (a path: read in place as before)
+    model = torch.nn.Linear(2, 2)
+    stream = io.BytesIO()
+    torch.save(model.state_dict(), stream)
+    fresh = torch.nn.Linear(2, 2)
+    mk.load_weights(fresh, stream.getvalue())
+    assert torch.equal(fresh.weight, model.weight)

@@ -15,6 +15,7 @@ names exists and holds exactly the bytes the pickle declares.
 
 from __future__ import annotations
 
+import io
 import os
 import re
 import sys
@@ -96,10 +97,10 @@ class ZipStorages(StorageProvider):
 class TorchZip:
     """A torch.save / torch.jit.save zip archive: its folder, records and pickles."""
 
-    def __init__(self, path: str, limits: Limits) -> None:
+    def __init__(self, path: str, limits: Limits, data: bytes | None = None) -> None:
         self.path = path
         self.limits = limits
-        self.archive = ZipArchive(path, limits=limits)
+        self.archive = ZipArchive(path, limits=limits, data=data)
         names = list(self.archive.names())
         if not names:
             raise _bad(path, "the zip archive is empty")
@@ -209,12 +210,13 @@ class TarLayout:
     MEMBERS = ("storages", "tensors", "pickle")
     OPTIONAL = ("sys_info",)
 
-    def __init__(self, path: str, limits: Limits) -> None:
+    def __init__(self, path: str, limits: Limits, data: bytes | None = None) -> None:
         self.path = path
         self.members: dict[str, tuple[int, int]] = {}
         try:
-            size = os.path.getsize(path)
-            with tarfile.open(path, mode="r:") as archive:
+            size = len(data) if data is not None else os.path.getsize(path)
+            opened = tarfile.open(fileobj=io.BytesIO(data), mode="r:") if data is not None else tarfile.open(path, mode="r:")
+            with opened as archive:
                 count = 0
                 for member in archive:
                     count += 1

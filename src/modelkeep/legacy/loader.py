@@ -13,10 +13,11 @@ The stream format's pickles follow one another by design, and are not checked th
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import mmap
 import os
-from typing import Any
+from typing import Any, Iterator
 
 from modelkeep import errors
 from modelkeep import sniff as sniffing
@@ -54,6 +55,7 @@ class _Context:
                  check_crc: bool, threads: int | None, sightings: list[Sighting] | None = None,
                  encoding: str = "utf-8", mmap: bool = False, map_location: Any = None) -> None:
         self.path = path
+        self.data: bytes | None = None  # the whole file when it is read from memory, not from ``path``
         self.encoding = encoding
         self.mode = mode
         self.trust = trust
@@ -163,21 +165,24 @@ def read_contents(
     mmap: bool = False,
     container: str | None = None,
     map_location: Any = None,
+    data: bytes | None = None,
 ) -> Contents:
     """Read the torch.save/torch.jit.save file at ``path`` without running anything from it.
 
     ``sightings``, when given, collects every global the pickles name (``modelkeep scan``).
     ``container`` (``"zip"``, ``"tar"``, ``"pickle"``) is the kind the read dispatch found
     (``modelkeep.reading.open_in``); direct callers may leave it out and it is found here.
+    ``data`` holds the file's bytes when it comes from memory or a file object (``path`` then
+    only names it in messages; ``container`` must be given).
     """
     path = os.fspath(path)
     try:
         return _read_contents(path, mode, trust, on_unknown, limits, check_crc, threads, sightings, encoding, mmap,
-                              container, map_location)
+                              container, map_location, data)
     except errors.FormatError as e:
         if e.path is None:  # raised deep in the pickle machine, which knows no file
             e.path = path
-            what = sniffing.looks_like(sniffing.read_head(path))
+            what = sniffing.looks_like(data[: sniffing.HEAD_BYTES] if data is not None else sniffing.read_head(path))
             if what is not None and not isinstance(e, errors.UnsafeContentError):
                 e.what += f"; the file looks like {what}, not a torch.save file"
                 e.fix = e.fix or "name a model file; re-download it if it should be one"
@@ -187,9 +192,11 @@ def read_contents(
 
 def _read_contents(path: str, mode: str, trust: trusted.Trust | None, on_unknown: str, limits: Limits,
                    check_crc: bool, threads: int | None, sightings: list[Sighting] | None, encoding: str,
-                   mmap: bool, container: str | None, map_location: Any = None) -> Contents:
+                   mmap: bool, container: str | None, map_location: Any = None,
+                   data: bytes | None = None) -> Contents:
     ctx = _Context(path, mode, trust or trusted.Trust(), on_unknown, limits, check_crc, threads, sightings,
                    encoding=encoding, mmap=mmap, map_location=map_location)
+    ctx.data = data
     kind = container if container is not None else sniff(path)
     if kind == "zip":
         contents = _read_zip(ctx)
@@ -211,7 +218,7 @@ def _read_contents(path: str, mode: str, trust: trusted.Trust | None, on_unknown
 
 
 def _read_zip(ctx: _Context) -> Contents:
-    archive = containers.TorchZip(ctx.path, ctx.limits)
+    archive = containers.TorchZip(ctx.path, ctx.limits, data=ctx.data)
     item = f"{archive.folder}/data.pkl"
     data = archive.pickle("data.pkl")
     storages = archive.storages("data")
@@ -236,6 +243,12 @@ def _read_zip(ctx: _Context) -> Contents:
 
 
 def _read_pickle_file(ctx: _Context) -> Contents:
+    if ctx.data is not None:  # from memory: the storages are views of the same bytes
+        if not ctx.data:
+            raise errors.FormatError("the file is empty", path=ctx.path, fix="re-download it")
+        value, container, _ = read_stream(ctx, ctx.data, memory=False, item=None, mode=ctx.mode, depth=0,
+                                          in_memory=True)
+        return Contents(ctx.path, value, container, end=ctx.stream_end)
     with open(ctx.path, "rb") as stream:
         size = os.fstat(stream.fileno()).st_size
         if size == 0:
@@ -246,8 +259,10 @@ def _read_pickle_file(ctx: _Context) -> Contents:
 
 
 def read_stream(ctx: _Context, data: Any, *, memory: bool, item: str | None, mode: str,
-                depth: int) -> tuple[Any, str, Policy]:
-    """The stream format (or a plain pickle) in ``data``: value, container kind, last policy."""
+                depth: int, in_memory: bool = False) -> tuple[Any, str, Policy]:
+    """The stream format (or a plain pickle) in ``data``: value, container kind, last policy.
+    ``memory``: a nested archive (exactly the bytes torch.save wrote); ``in_memory``: a
+    top-level file read from memory (bytes may follow it)."""
     limits = ctx.limits
     first_end = vm.skip(data, 0, limits=limits)
     if not containers.is_magic(data[:first_end]):  # a plain pickle (pickle.dump of tensors, ...)
@@ -271,7 +286,7 @@ def read_stream(ctx: _Context, data: Any, *, memory: bool, item: str | None, mod
     if main_end - main_start > limits.max_pickle_bytes:
         raise errors.FormatError("the pickle is larger than the limit", path=ctx.path, fix="raise Limits.max_pickle_bytes")
     keys, storage_start = ctx.run(data, main_end, ctx.policy(REFS, None, "storage keys", depth=depth))
-    storages = containers.StreamStorages(ctx.path, data if not memory else bytes(data), memory)
+    storages = containers.StreamStorages(ctx.path, data if not memory else bytes(data), memory or in_memory)
     main_item = item or "main pickle"
     policy = ctx.policy(REFS, storages, main_item, depth=depth)
     value, end = ctx.run(data, main_start, policy)
@@ -291,10 +306,20 @@ def read_stream(ctx: _Context, data: Any, *, memory: bool, item: str | None, mod
     return value, "stream", policy
 
 
-def _read_tar(ctx: _Context) -> Contents:
-    layout = containers.TarLayout(ctx.path, ctx.limits)
-    storages = containers.TarStorages()
+@contextlib.contextmanager
+def _file_bytes(ctx: _Context) -> Iterator[Any]:
+    """The whole file as a buffer: the bytes in memory, or a read-only mapping of ``ctx.path``."""
+    if ctx.data is not None:
+        yield ctx.data
+        return
     with open(ctx.path, "rb") as stream, mmap.mmap(stream.fileno(), 0, access=mmap.ACCESS_READ) as data:
+        yield data
+
+
+def _read_tar(ctx: _Context) -> Contents:
+    layout = containers.TarLayout(ctx.path, ctx.limits, data=ctx.data)
+    storages = containers.TarStorages()
+    with _file_bytes(ctx) as data:
         if "sys_info" in layout.members:
             begin, size = layout.members["sys_info"]
             if size > containers.MAX_RECORD:
@@ -350,7 +375,7 @@ def _tar_storages(ctx: _Context, data: Any, layout: containers.TarLayout, storag
         pos += 8
         if pos + nbytes > end or key in storages.objects:
             raise _tar_error(ctx, "a storage runs past its member or repeats a key", "storages")
-        blob = tensors.Blob(ctx.path, f"storages[{key}]", pos, nbytes, dtype=kind.dtype)
+        blob = tensors.Blob(ctx.path, f"storages[{key}]", pos, nbytes, dtype=kind.dtype, memory=ctx.data)
         storages.objects[key] = tensors.StorageRef(blob, kind.dtype, 0, nbytes,
                                                    location=location if type(location) is str else "cpu")
         pos += nbytes

@@ -17,12 +17,13 @@ MODULE_KEYS = conventions.MODEL_KEYS  # one list for every reader (modelkeep.con
 
 
 def _contents(
-    path: str | os.PathLike[str], mode: str, options: ReadOptions, container: str | None = None
+    path: str | os.PathLike[str], mode: str, options: ReadOptions, container: str | None = None,
+    data: bytes | None = None,
 ) -> loader.Contents:
     return loader.read_contents(
         os.fspath(path), mode=mode, trust=trusted.Trust(options.trust), on_unknown=options.on_unknown,
         limits=options.limits, encoding=options.encoding, mmap=options.mmap, container=container,
-        map_location=options.map_location,
+        map_location=options.map_location, data=data,
     )
 
 
@@ -31,10 +32,11 @@ def read_object(
     *,
     options: ReadOptions = DEFAULT_READ_OPTIONS,
     container: str | None = None,
+    data: bytes | None = None,
 ) -> tuple[Any, int | None]:
     """:func:`read`, and where the object ends in a stream-format file whose bytes go on (several
     objects saved into one stream); None where the object is the whole file."""
-    contents = _contents(path, VALUES, options, container)
+    contents = _contents(path, VALUES, options, container, data)
     if contents.container == "torchscript":
         return {"data": contents.value, "constants": contents.constants}, None
     return contents.value, contents.end
@@ -90,11 +92,12 @@ def open_weights(
     *,
     options: ReadOptions = DEFAULT_READ_OPTIONS,
     container: str | None = None,
+    data: bytes | None = None,
 ) -> LegacyWeights:
     """Find the state dict of a torch.save file (directly saved, under a checkpoint key such as
     ``state_dict``/``model``, inside a whole pickled module, or a TorchScript module's parameters
     and buffers) without building anything or importing any class."""
-    contents = _contents(path, REFS, options, container)
+    contents = _contents(path, REFS, options, container, data)
     try:
         state, key = statedict.find(contents)
     except errors.ModelkeepError:
@@ -119,12 +122,14 @@ def read_module(
     *,
     options: ReadOptions = DEFAULT_READ_OPTIONS,
     container: str | None = None,
+    data: bytes | None = None,
 ) -> torch.nn.Module:
     """The whole ``nn.Module`` pickled in a torch.save file (``torch.save(model, path)``), rebuilt
     from trusted classes only and left in the training mode it was saved in. A checkpoint that
     holds the module under one of ``conventions.MODEL_KEYS`` (``model``, ``module``, ``net``,
     ``ema``, ...) works too."""
-    value, _ = read_object(path, options=dataclasses.replace(options, on_unknown="error"), container=container)
+    value, _ = read_object(path, options=dataclasses.replace(options, on_unknown="error"), container=container,
+                           data=data)
     if isinstance(value, torch.nn.Module):
         return value
     if isinstance(value, dict):
@@ -151,13 +156,14 @@ class Description:
 
 
 def describe(
-    path: str | os.PathLike[str], *, options: ReadOptions = DEFAULT_READ_OPTIONS, container: str | None = None
+    path: str | os.PathLike[str], *, options: ReadOptions = DEFAULT_READ_OPTIONS, container: str | None = None,
+    data: bytes | None = None,
 ) -> Description:
     """:class:`Description` of a torch.save file (unknown globals are described, not refused)."""
     sightings: list[Sighting] = []
     contents = loader.read_contents(
         os.fspath(path), mode=REFS, trust=trusted.Trust(options.trust), on_unknown="placeholder",
-        limits=options.limits, encoding=options.encoding, sightings=sightings, container=container,
+        limits=options.limits, encoding=options.encoding, sightings=sightings, container=container, data=data,
     )
     found: list[tuple[str, tensors.TensorRef]] = []
     seen: set[int] = set()

@@ -336,11 +336,11 @@ class StorageLoader:
 def read_blob(blob: Blob, *, check_crc: bool = True, threads: int | None = None) -> torch.Tensor:
     """All bytes of ``blob`` in a new uint8 tensor, verified and in native (little) byte order."""
     out = torch.empty((blob.nbytes,), dtype=torch.uint8)
-    if blob.memory is not None:
+    if blob.compressed is not None:  # deflated: from the file, or from the bytes in memory
+        _inflate_into(blob, tensor_bytes(out))
+    elif blob.memory is not None:
         view = tensor_bytes(out)
         view[:] = blob.memory[blob.offset : blob.offset + blob.nbytes]
-    elif blob.compressed is not None:
-        _inflate_into(blob, tensor_bytes(out))
     elif blob.nbytes:
         entry = format.TensorEntry(blob.name, "U8", (blob.nbytes,), blob.offset, blob.offset + blob.nbytes)
         tensor_io.read_into(blob.path, [(entry, out)], threads=threads)
@@ -386,11 +386,12 @@ def _inflate_into(blob: Blob, view: memoryview) -> None:
     inflater = zlib.decompressobj(-15)
     filled = 0
     remaining = blob.compressed or 0
-    fd = os.open(blob.path, os.O_RDONLY)
+    fd = os.open(blob.path, os.O_RDONLY) if blob.memory is None else -1
     try:
         offset = blob.offset
         while remaining and not inflater.eof:
-            piece = os.pread(fd, min(1 << 22, remaining), offset)
+            size = min(1 << 22, remaining)
+            piece = os.pread(fd, size, offset) if fd >= 0 else bytes(blob.memory[offset : offset + size])
             if not piece:
                 break
             offset += len(piece)
@@ -408,7 +409,8 @@ def _inflate_into(blob: Blob, view: memoryview) -> None:
     except zlib.error as e:
         raise _inflate_error(blob, f"is not valid deflate data ({e})") from e
     finally:
-        os.close(fd)
+        if fd >= 0:
+            os.close(fd)
     if filled != len(view) or not inflater.eof:
         raise _inflate_error(blob, f"inflates to {filled} bytes, not the {len(view)} declared")
 

@@ -14,6 +14,7 @@ read without).
 from __future__ import annotations
 
 import dataclasses
+import io
 import os
 import zipfile
 import zlib
@@ -45,15 +46,18 @@ class Entry:
 
 
 class ZipArchive:
-    """The validated entries of a zip archive on disk."""
+    """The validated entries of a zip archive on disk, or in memory (``data``; ``path`` then only
+    names it in messages)."""
 
-    def __init__(self, path: str, *, limits: Limits) -> None:
+    def __init__(self, path: str, *, limits: Limits, data: bytes | None = None) -> None:
         self.path = path
         self.limits = limits
+        self.data = data
         self.entries: dict[str, Entry] = {}
         try:
-            self.file_size = os.path.getsize(path)
-            with open(path, "rb") as stream, zipfile.ZipFile(stream) as archive:
+            self.file_size = len(data) if data is not None else os.path.getsize(path)
+            opened = io.BytesIO(data) if data is not None else open(path, "rb")
+            with opened as stream, zipfile.ZipFile(stream) as archive:
                 infos = archive.infolist()
                 if len(infos) > limits.max_entries:
                     raise self._bad(f"the archive has {len(infos)} entries, more than {limits.max_entries}")
@@ -138,6 +142,7 @@ class ZipArchive:
             nbytes=entry.size,
             crc=entry.crc if self.check_crc else None,
             compressed=entry.compressed if entry.deflated else None,
+            memory=self.data,
         )
 
     def read(self, name: str, max_bytes: int) -> bytes:

@@ -21,6 +21,7 @@ import torch
 from modelkeep import errors
 from modelkeep.options import ReadOptions
 from modelkeep.storage import Storage
+from modelkeep.storage.buffer import BufferStorage
 
 SPOOL_ENV = "MODELKEEP_SPOOL"
 COPY_BYTES = 16 << 20
@@ -73,8 +74,9 @@ class TorchSaveSource:
     ``entries``/``read_into``/``tensors`` give its state dict (``legacy.open_weights``: found
     under a checkpoint key, in a pickled module, in TorchScript), ``data`` what ``torch.load``
     would return, ``module`` a whole pickled module, ``describe`` its tensors and globals; none of
-    them runs anything from the file. A file on an object store (or in memory) is read from a
-    private local copy, made once and removed with the source; errors name the caller's location.
+    them runs anything from the file. Bytes in memory (and file objects) are read in place; a
+    file on an object store is read from a private local copy, made once and removed with the
+    source; errors name the caller's location.
     """
 
     kind = "torch.save"
@@ -86,10 +88,13 @@ class TorchSaveSource:
         self.container = container  # "zip", "tar" or "pickle", as the dispatch found it
         self.end: int | None = None  # where the object ends when more bytes follow it (``data``)
         self._weights: Any = None
-        self._local: str | None = store.local_path(location)
+        self._data: bytes | None = store.data if isinstance(store, BufferStorage) else None  # read in place
+        self._local: str | None = store.local_path(location) if self._data is None else location
         self._spooled: str | None = None
 
     def _path(self) -> str:
+        """An OS path with the file's bytes (a private copy for object stores); for bytes in
+        memory, just the name the messages use (the reader works on ``_data``)."""
         if self._local is None:
             self._spooled = self._local = _spool(self.store, self.location)
             weakref.finalize(self, _remove, self._spooled)
@@ -105,7 +110,7 @@ class TorchSaveSource:
 
             path = self._path()
             with self._named():
-                self._weights = legacy.open_weights(path, options=self.options, container=self.container)
+                self._weights = legacy.open_weights(path, options=self.options, container=self.container, data=self._data)
             self.end = self._weights.end
         return self._weights
 
@@ -143,7 +148,7 @@ class TorchSaveSource:
 
         path = self._path()
         with self._named():
-            value, self.end = legacy.read_object(path, options=self.options, container=self.container)
+            value, self.end = legacy.read_object(path, options=self.options, container=self.container, data=self._data)
         return value
 
     def module(self) -> torch.nn.Module:
@@ -152,7 +157,7 @@ class TorchSaveSource:
 
         path = self._path()
         with self._named():
-            return legacy.read_module(path, options=self.options, container=self.container)
+            return legacy.read_module(path, options=self.options, container=self.container, data=self._data)
 
     def describe(self) -> Any:
         """``legacy.Description``: tensors and globals, nothing built (``modelkeep inspect``)."""
@@ -160,7 +165,7 @@ class TorchSaveSource:
 
         path = self._path()
         with self._named():
-            return legacy.describe(path, options=self.options, container=self.container)
+            return legacy.describe(path, options=self.options, container=self.container, data=self._data)
 
     def check_crcs(self, blobs: Sequence[Any]) -> list[str]:
         """The names of the zip entries among ``blobs`` whose bytes do not match their CRC-32."""
