@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import modelkeep as mk
-from modelkeep.legacy import tensors as legacy_tensors
+from modelkeep.legacy import blobs as legacy_blobs
 from test_legacy_support import same, write_tar
 
 FORMATS = {"zip": True, "legacy": False}
@@ -170,13 +170,13 @@ def test_mmap_maps_zip_files_instead_of_reading_them(tmp_path, monkeypatch) -> N
     path.write_bytes(saved("zip"))
     expected = torch.load(path, mmap=True, weights_only=True)
 
-    copied, read_blob = [], legacy_tensors.read_blob
+    copied, read_blob = [], legacy_blobs.read_blob
 
     def spy(blob, *args, **kwargs):
         copied.append(blob.name)
         return read_blob(blob, *args, **kwargs)
 
-    monkeypatch.setattr(legacy_tensors, "read_blob", spy)
+    monkeypatch.setattr(legacy_blobs, "read_blob", spy)
     same(mk.read(path, mmap=True), expected)
     assert copied and not [name for name in copied if "/data/" in name]  # records only, no tensor data
 

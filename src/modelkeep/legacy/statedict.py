@@ -18,7 +18,7 @@ import torch
 from modelkeep import conventions, errors, format
 from modelkeep.io import buffers, placement, reads
 from modelkeep.io import tensors as tensor_io
-from modelkeep.legacy import tensors
+from modelkeep.legacy import blobs, tensors
 from modelkeep.legacy.loader import Contents
 from modelkeep.legacy.records import Placeholder
 
@@ -240,9 +240,9 @@ def _verify_direct(covered: dict[int, list], loader: tensors.StorageLoader, thre
     def check(job: tuple[tensors.Blob, torch.Tensor | None]) -> None:
         blob, destination = job
         if destination is not None:
-            tensors.verify_crc(blob, buffers.tensor_bytes(destination.detach()))
-        elif tensors.crc_of_file_range(blob.path, blob.offset, blob.offset + blob.nbytes) != blob.crc:
-            raise tensors.crc_error(blob)
+            blobs.verify_crc(blob, buffers.tensor_bytes(destination.detach()))
+        elif blobs.crc_of_file_range(blob.path, blob.offset, blob.offset + blob.nbytes) != blob.crc:
+            raise blobs.crc_error(blob)
 
     workers = max(1, min(threads or reads.io_threads(), len(jobs)))
     if workers == 1:

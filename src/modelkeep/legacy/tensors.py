@@ -13,7 +13,6 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import os
-import zlib
 from typing import Any, Callable
 
 import torch
@@ -22,6 +21,8 @@ from modelkeep import errors, format
 from modelkeep.io import placement, reads
 from modelkeep.io.buffers import tensor_bytes
 from modelkeep.io import tensors as tensor_io
+from modelkeep.legacy import blobs
+from modelkeep.legacy.blobs import Blob, _itemsize
 
 MAX_ELEMENTS = 2**62
 QUANTIZED = frozenset({torch.qint8, torch.qint32, torch.quint8, torch.quint4x2, torch.quint2x4})
@@ -75,26 +76,6 @@ class TensorType:
 
     name: str
     dtype: torch.dtype
-
-
-@dataclasses.dataclass(eq=False)
-class Blob:
-    """Where one storage's bytes are: a range of a file (stored or deflated) or bytes in memory."""
-
-    path: str
-    name: str
-    offset: int
-    nbytes: int
-    crc: int | None = None
-    compressed: int | None = None  # deflated zip entry: bytes on disk
-    memory: bytes | None = None
-    big_endian: bool = False
-    dtype: torch.dtype | None = None  # fixed by the first reference
-
-    @property
-    def direct(self) -> bool:
-        """Bytes can go straight from the file into a destination tensor."""
-        return self.memory is None and self.compressed is None and not self.big_endian
 
 
 @dataclasses.dataclass(eq=False)
@@ -168,10 +149,6 @@ class DeferredTensor:
 
     build: Callable[..., torch.Tensor]
     args: tuple
-
-
-def _itemsize(dtype: torch.dtype) -> int:
-    return dtype.itemsize
 
 
 def itemsize(dtype: torch.dtype) -> int:
@@ -258,16 +235,16 @@ class StorageLoader:
             data = self._mapped_bytes(blob)
             self._loaded[id(blob)] = (blob, data)
             return data
-        data = read_blob(blob, check_crc=self.check_crc, threads=self.threads)
+        data = blobs.read_blob(blob, check_crc=self.check_crc, threads=self.threads)
         self._loaded[id(blob)] = (blob, data)
         return data
 
-    def preload(self, blobs: list[Blob]) -> None:
+    def preload(self, wanted: list[Blob]) -> None:
         """Read many blobs at once: one parallel read for those stored plainly in a file, then
         their checksums on several threads."""
         if self.mmap:  # mapped on first use instead
             return
-        pending = [b for b in dict.fromkeys(blobs) if id(b) not in self._loaded]
+        pending = [b for b in dict.fromkeys(wanted) if id(b) not in self._loaded]
         direct = [b for b in pending if b.direct and b.nbytes]
         for blob in pending:
             if blob not in direct:
@@ -285,7 +262,7 @@ class StorageLoader:
             checks = [(blob, out) for blob, out in buffers if blob.crc is not None]
             workers = max(1, min(self.threads or reads.io_threads(), len(checks)))
             with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="modelkeep-crc") as pool:
-                for future in [pool.submit(verify_crc, blob, tensor_bytes(out)) for blob, out in checks]:
+                for future in [pool.submit(blobs.verify_crc, blob, tensor_bytes(out)) for blob, out in checks]:
                     future.result()
         for blob, out in buffers:
             self._loaded[id(blob)] = (blob, out)
@@ -331,102 +308,3 @@ class StorageLoader:
             for key, value in ref.attributes.items():
                 setattr(tensor, key, value)
         return tensor
-
-
-def read_blob(blob: Blob, *, check_crc: bool = True, threads: int | None = None) -> torch.Tensor:
-    """All bytes of ``blob`` in a new uint8 tensor, verified and in native (little) byte order."""
-    out = torch.empty((blob.nbytes,), dtype=torch.uint8)
-    if blob.compressed is not None:  # deflated: from the file, or from the bytes in memory
-        _inflate_into(blob, tensor_bytes(out))
-    elif blob.memory is not None:
-        view = tensor_bytes(out)
-        view[:] = blob.memory[blob.offset : blob.offset + blob.nbytes]
-    elif blob.nbytes:
-        entry = format.TensorEntry(blob.name, "U8", (blob.nbytes,), blob.offset, blob.offset + blob.nbytes)
-        tensor_io.read_into(blob.path, [(entry, out)], threads=threads)
-    if check_crc and blob.crc is not None:
-        verify_crc(blob, tensor_bytes(out) if blob.nbytes else b"")
-    if blob.big_endian and blob.dtype is not None:
-        swap_to_native(out, blob.dtype)
-    return out
-
-
-def verify_crc(blob: Blob, data: Any) -> None:
-    if zlib.crc32(data) != blob.crc:
-        raise crc_error(blob)
-
-
-def crc_error(blob: Blob) -> errors.FormatError:
-    return errors.FormatError(
-        "the bytes do not match the archive's CRC-32 checksum",
-        path=blob.path,
-        item=blob.name,
-        fix="the file is damaged (truncated or altered); re-download or re-save it",
-    )
-
-
-def crc_of_file_range(path: str, begin: int, end: int, chunk: int = 1 << 24) -> int:
-    """CRC-32 of ``[begin, end)`` of a file, read in bounded chunks."""
-    value = 0
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        offset = begin
-        while offset < end:
-            piece = os.pread(fd, min(chunk, end - offset), offset)
-            if not piece:
-                raise errors.FormatError("file ended before its data", path=path, fix="re-download it")
-            value = zlib.crc32(piece, value)
-            offset += len(piece)
-    finally:
-        os.close(fd)
-    return value
-
-
-def _inflate_into(blob: Blob, view: memoryview) -> None:
-    inflater = zlib.decompressobj(-15)
-    filled = 0
-    remaining = blob.compressed or 0
-    fd = os.open(blob.path, os.O_RDONLY) if blob.memory is None else -1
-    try:
-        offset = blob.offset
-        while remaining and not inflater.eof:
-            size = min(1 << 22, remaining)
-            piece = os.pread(fd, size, offset) if fd >= 0 else bytes(blob.memory[offset : offset + size])
-            if not piece:
-                break
-            offset += len(piece)
-            remaining -= len(piece)
-            room = len(view) - filled + 1
-            out = inflater.decompress(piece, room)
-            while True:
-                if filled + len(out) > len(view):
-                    raise _inflate_error(blob, "inflates to more bytes than the archive declares")
-                view[filled : filled + len(out)] = out
-                filled += len(out)
-                if not inflater.unconsumed_tail:
-                    break
-                out = inflater.decompress(inflater.unconsumed_tail, len(view) - filled + 1)
-    except zlib.error as e:
-        raise _inflate_error(blob, f"is not valid deflate data ({e})") from e
-    finally:
-        if fd >= 0:
-            os.close(fd)
-    if filled != len(view) or not inflater.eof:
-        raise _inflate_error(blob, f"inflates to {filled} bytes, not the {len(view)} declared")
-
-
-def _inflate_error(blob: Blob, what: str) -> errors.FormatError:
-    return errors.FormatError(
-        f"compressed entry {what}", path=blob.path, item=blob.name, fix="the archive is damaged or crafted"
-    )
-
-
-def swap_to_native(data: torch.Tensor, dtype: torch.dtype) -> None:
-    """Reverse the bytes of every element (complex numbers: of each part) in place."""
-    width = _itemsize(dtype)
-    if dtype.is_complex:
-        width //= 2
-    if width <= 1 or data.numel() % width:
-        return
-    rows = data.view(-1, width)
-    rows.copy_(rows.flip(1))

@@ -22,7 +22,7 @@ from typing import Iterator
 
 from modelkeep import errors
 from modelkeep.io import buffers
-from modelkeep.legacy import tensors, zipend
+from modelkeep.legacy import blobs, tensors, zipend
 from modelkeep.legacy.limits import Limits
 
 LOCAL_HEADER = 30
@@ -153,7 +153,7 @@ class ZipArchive:
         if entry.size > max_bytes:
             raise self._bad(f"entry of {entry.size} bytes is larger than the {max_bytes}-byte limit", name)
         blob = self.blob(name)
-        data = bytes(buffers.tensor_bytes(tensors.read_blob(blob))) if entry.size else b""
+        data = bytes(buffers.tensor_bytes(blobs.read_blob(blob))) if entry.size else b""
         if blob.crc is not None and not entry.size and entry.crc != zlib.crc32(b""):
             raise self._bad("the bytes do not match the archive's CRC-32 checksum", name)
         return data

@@ -169,7 +169,7 @@ class TorchSaveSource:
 
     def check_crcs(self, blobs: Sequence[Any]) -> list[str]:
         """The names of the zip entries among ``blobs`` whose bytes do not match their CRC-32."""
-        from modelkeep.legacy import tensors as legacy_tensors
+        from modelkeep.legacy import blobs as legacy_blobs
 
         bad = []
         with self._named():
@@ -177,7 +177,7 @@ class TorchSaveSource:
                 if blob.crc is None:
                     continue
                 try:
-                    legacy_tensors.read_blob(blob, check_crc=True)
+                    legacy_blobs.read_blob(blob, check_crc=True)
                 except errors.FormatError:
                     bad.append(blob.name)
         return bad
