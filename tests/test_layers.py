@@ -46,8 +46,10 @@ LAYERS: dict[str, int] = {
     "modelkeep.pretrained": 4,
     "modelkeep.download": 4,
     "modelkeep.inference": 4,
+    "modelkeep.patching": 4,
     "modelkeep.demo": 5,
     "modelkeep.cli": 5,
+    "modelkeep.run": 5,
     "modelkeep": 5,  # the package's __init__: the public surface
 }
 

@@ -47,6 +47,7 @@ from modelkeep.inference.spec import ImagePreprocess, InferenceSpec
 from modelkeep.inspection import FileInfo, TensorInfo, VerifyReport, inspect, verify
 from modelkeep.creation import create
 from modelkeep.models import load, save
+from modelkeep.patching import Patch, patch_torch_load
 from modelkeep.reading import read
 from modelkeep.scanning import FileScan, GlobalFinding, scan
 
@@ -76,6 +77,7 @@ __all__ = [
     "MissingFileError",
     "ModelkeepError",
     "NotAFolderError",
+    "Patch",
     "PermissionStorageError",
     "Prediction",
     "Ranked",
@@ -97,6 +99,7 @@ __all__ = [
     "load",
     "load_state_dict",
     "load_weights",
+    "patch_torch_load",
     "predict",
     "read",
     "register_factory",

@@ -27,26 +27,15 @@ import zipfile
 from typing import Any, Iterator
 
 from modelkeep import errors, format, sniff, storage
+from modelkeep.legacy.trusted import DANGEROUS_MODULES
 from modelkeep.sources import sharded, torchsave
 
 SAFE, NEEDS_TRUST, DANGEROUS = "safe", "needs-trust", "dangerous"
 _SEVERITY = {SAFE: 0, NEEDS_TRUST: 1, DANGEROUS: 2}
 
-# Modules (and their submodules) whose globals have no business in a model file and are known
-# ways to run code, reach the network or the file system, or re-enter deserialisation.
-DANGEROUS_MODULES = frozenset(
-    """
-    os posix nt subprocess sys shutil socket importlib runpy pty commands webbrowser ctypes
-    code codeop marshal pickle _pickle cPickle dill cloudpickle shelve joblib multiprocessing
-    asyncio signal pip setuptools distutils requests urllib urllib2 urllib3 http httplib ftplib
-    smtplib telnetlib platform gc inspect threading _thread bdb pdb timeit profile cProfile trace
-    zipimport pkgutil imp types builtins __builtin__ operator functools itertools io _io
-    tempfile glob pathlib fileinput linecache site sysconfig ensurepip venv unittest doctest
-    numpy.testing numpy.f2py numpy.distutils numpy.ctypeslib
-    torch.hub torch.jit torch.fx torch.serialization torch._dynamo torch._inductor torch.utils
-    torch.distributed torch.package torch.storage torch._C torch._ops torch.ops torch.library
-    """.split()
-)
+# DANGEROUS_MODULES (legacy.trusted): modules (and their submodules) whose globals have no business
+# in a model file and are known ways to run code, reach the network or the file system, or re-enter
+# deserialisation.
 DANGEROUS_NAMES = frozenset({("torch", "load"), ("torch", "compile"), ("torch", "_load_global_deps")})
 
 

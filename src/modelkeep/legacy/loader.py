@@ -134,6 +134,15 @@ def _module_of(name: str) -> str:
     return module if module else name
 
 
+def _unsafe_fix(names: list[str]) -> str:
+    """What to do about refused globals: never suggest trusting one that runs code."""
+    rescue = "do not torch.load this file unless you trust its source. To rescue its tensors pass on_unknown='placeholder'"
+    dangerous = [name for name in names if trusted.is_dangerous(name)]
+    if dangerous:
+        return f"{rescue}; {dangerous[0]} runs code or touches the system: no trust= makes it safe"
+    return f"{rescue}; to rebuild classes you trust pass trust=({_module_of(names[0])!r},)"
+
+
 def unsafe_error(offences: list[Offence], path: str) -> errors.UnsafeContentError:
     grouped: dict[str, list[str]] = {}
     for offence in offences:
@@ -144,8 +153,7 @@ def unsafe_error(offences: list[Offence], path: str) -> errors.UnsafeContentErro
         f"the pickle names {len(grouped)} global(s) that modelkeep does not build, because torch.load "
         f"would import and run them: {'; '.join(listed[:50])}" + (" ..." if len(listed) > 50 else ""),
         path=path,
-        fix="do not torch.load this file unless you trust its source. To rescue its tensors pass "
-        f"on_unknown='placeholder'; to rebuild classes you trust pass trust=({_module_of(next(iter(grouped)))!r},)",
+        fix=_unsafe_fix(list(grouped)),
         globals=list(grouped.items()),
     )
 

@@ -133,3 +133,26 @@ def restore(obj: Any, state: Any, *, describe: str) -> None:
         if type(names) is not list or len(names) > 100_000 or not all(type(n) is str for n in names):
             raise ValueError(f"{describe}: recurrent layers saved before torch 1.8 are not supported")
         obj._init_flat_weights()
+
+
+# Modules whose functions run code, touch the system or unpickle more: never worth trusting
+# (``modelkeep scan`` calls their globals dangerous; refusals never suggest trusting them).
+DANGEROUS_MODULES = frozenset(
+    """
+    os posix nt subprocess sys shutil socket importlib runpy pty commands webbrowser ctypes
+    code codeop marshal pickle _pickle cPickle dill cloudpickle shelve joblib multiprocessing
+    asyncio signal pip setuptools distutils requests urllib urllib2 urllib3 http httplib ftplib
+    smtplib telnetlib platform gc inspect threading _thread bdb pdb timeit profile cProfile trace
+    zipimport pkgutil imp types builtins __builtin__ operator functools itertools io _io
+    tempfile glob pathlib fileinput linecache site sysconfig ensurepip venv unittest doctest
+    numpy.testing numpy.f2py numpy.distutils numpy.ctypeslib
+    torch.hub torch.jit torch.fx torch.serialization torch._dynamo torch._inductor torch.utils
+    torch.distributed torch.package torch.storage torch._C torch._ops torch.ops torch.library
+    """.split()
+)
+
+
+def is_dangerous(name: str) -> bool:
+    """Whether the dotted global ``name`` lives in (or under) a module of :data:`DANGEROUS_MODULES`."""
+    parts = name.split(".")[:-1]
+    return any(".".join(parts[:i]) in DANGEROUS_MODULES for i in range(1, len(parts) + 1))
