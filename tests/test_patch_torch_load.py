@@ -137,3 +137,28 @@ def test_modelkeep_run_patches_a_whole_program(tmp_path) -> None:
                                capture_output=True, text=True, timeout=120, cwd=tmp_path,
                                env={**os.environ, "PYTHONPATH": str(tmp_path)})
     assert as_module.returncode == 0 and as_module.stdout.strip() == "3.0", as_module.stderr[-2000:]
+
+
+def test_on_a_real_library_lpips(tmp_path, monkeypatch) -> None:
+    """lpips.LPIPS loads its shipped linear-layer weights with its own torch.load (no weights_only)."""
+    lpips = pytest.importorskip("lpips")
+    read_by_modelkeep = []
+    original_read = patching.reading.read
+    monkeypatch.setattr(patching.reading, "read", lambda f, *a, **k: read_by_modelkeep.append(f) or original_read(f, *a, **k))
+
+    def build(**kwargs):
+        torch.manual_seed(0)  # pnet_rand: a random backbone, so that nothing is downloaded
+        return lpips.LPIPS(net="alex", pnet_rand=True, verbose=False, **kwargs)
+
+    plain = build()
+    with mk.patch_torch_load():
+        patched = build()
+    same(patched.state_dict(), plain.state_dict())
+    assert any(name.startswith("lin") for name in patched.state_dict())
+    assert [os.path.basename(f) for f in read_by_modelkeep] == ["alex.pth"]  # lpips's own weights file
+    marker = tmp_path / "RAN"
+    evil = tmp_path / "alex.pth"
+    evil.write_bytes(evil_bytes(str(marker)))
+    with mk.patch_torch_load(), pytest.raises(pickle.UnpicklingError):
+        build(model_path=str(evil))
+    assert not marker.exists()
