@@ -249,3 +249,14 @@ def test_plain_pickle_of_tensors(tmp_path):
     assert shares_storage(state["w"], state["v"]) == shares_storage(reference["w"], reference["v"])
     path.write_bytes(pickle.dumps({"n": np.ones(2), "t": torch.ones(2, dtype=torch.float16)}, protocol=2))
     same(mk.read(path), pickle.loads(path.read_bytes()))
+
+
+def test_namespaces_come_back_as_themselves(tmp_path):
+    """argparse.Namespace (in most training checkpoints) is plain data: rebuilt as the real class."""
+    path = tmp_path / "ckpt.pt"
+    args = argparse.Namespace(lr=0.1, layers=[1, 2], name="run")
+    torch.save({"args": args, "ns": types.SimpleNamespace(a=1)}, path)
+    value = mk.read(path)
+    assert type(value["args"]) is argparse.Namespace and value["args"] == args
+    assert vars(value["args"]) == {"lr": 0.1, "layers": [1, 2], "name": "run"}
+    assert type(value["ns"]) is types.SimpleNamespace and value["ns"].a == 1

@@ -13,11 +13,13 @@ reading it straight into a model's memory.
 
 from __future__ import annotations
 
+import argparse
 import collections
 import dataclasses
 import functools
 import re
 import sys
+import types
 from typing import Any, Callable
 
 import torch
@@ -26,6 +28,8 @@ from modelkeep import errors
 from modelkeep.legacy import allowed, builders, numpy_data, tensors, trusted
 from modelkeep.legacy.records import KIND_OBJECT, Placeholder, Record
 from modelkeep.legacy.limits import Limits
+
+NAMESPACES: dict[str, type] = {"argparse.Namespace": argparse.Namespace, "types.SimpleNamespace": types.SimpleNamespace}
 
 VALUES = "values"
 REFS = "refs"
@@ -147,8 +151,13 @@ class Policy:
     def check_key(self, container: Any, key: Any) -> None:
         self.machine.check_key(container, key)
 
-    def new_record(self, type_name: str, values: dict[str, Any]) -> Record:
-        result = Record(type_name, values)
+    def new_record(self, type_name: str, values: dict[str, Any]) -> Any:
+        """A plain-data record: a real ``argparse.Namespace``/``types.SimpleNamespace`` (classes
+        with no code of their own that a state could reach), a ``Record`` for anything else."""
+        namespace = NAMESPACES.get(type_name)
+        result: Any = Record(type_name, values) if namespace is None else namespace()
+        if namespace is not None:
+            result.__dict__.update(values)  # attribute names are checked strings (builders.record)
         self.register(result, "record")
         return result
 
@@ -277,7 +286,7 @@ class Policy:
                 raise
             raise self.fail(f"BUILD: {str(e)[:300]}", pos) from e
 
-    def _restore_record(self, record: Record, state: Any) -> None:
+    def _restore_record(self, record: Any, state: Any) -> None:
         if isinstance(state, tuple) and len(state) == 2 and state[1] is None:
             state = state[0]
         if state is None:
@@ -287,7 +296,10 @@ class Policy:
         for key, value in state.items():
             if type(key) is not str:
                 raise ValueError("record attribute names must be strings")
-            record[key] = value
+            if isinstance(record, Record):
+                record[key] = value
+            else:  # a namespace: its __dict__, so no name (``__class__`` included) reaches a setter
+                record.__dict__[key] = value
 
     def _attributes(self, obj: Any, state: Any) -> None:
         if type(state) is not dict or not all(type(k) is str and not k.startswith("__") for k in state):

@@ -2,9 +2,10 @@
 
 ``Placeholder`` stands for anything a file names that modelkeep will not construct (an unknown
 class, a TorchScript object, a trusted class read without importing it): it only remembers what the
-file said. ``Record`` is a plain record (``argparse.Namespace``, ``types.SimpleNamespace``) read as
-a dict whose keys also read as attributes. Neither can be called, and neither runs anything when
-compared, hashed, printed or garbage collected.
+file said. ``Record`` is a plain record read as a dict whose keys also read as attributes, for
+plain-data types the reader does not rebuild as themselves (``argparse.Namespace`` and
+``types.SimpleNamespace`` are: classes with no code a state could reach). Neither can be called,
+and neither runs anything when compared, hashed, printed or garbage collected.
 """
 
 from __future__ import annotations
@@ -84,7 +85,7 @@ class Placeholder:
 
 class Record(dict):
     """A plain record read as a dict: ``record["lr"]`` and ``record.lr`` both work;
-    ``type_name`` says what the file called it (``argparse.Namespace``)."""
+    ``type_name`` says what the file called it."""
 
     def __init__(self, type_name: str, values: dict[str, Any] | None = None) -> None:
         super().__init__(values or {})
