@@ -260,3 +260,32 @@ def test_namespaces_come_back_as_themselves(tmp_path):
     assert type(value["args"]) is argparse.Namespace and value["args"] == args
     assert vars(value["args"]) == {"lr": 0.1, "layers": [1, 2], "name": "run"}
     assert type(value["ns"]) is types.SimpleNamespace and value["ns"].a == 1
+
+
+class Unknown(dict):
+    """A dict subclass from a library the reader does not trust."""
+
+
+class Config:
+    def __init__(self) -> None:
+        self.lr = 0.5
+        self.weights = {"w": torch.ones(2)}
+
+
+def test_placeholders_behave_like_what_they_held(tmp_path):
+    path = tmp_path / "rescue.pt"
+    held = Unknown(weight=torch.arange(3.0), bias=torch.zeros(1))
+    torch.save({"model": held, "config": Config()}, path)
+    with pytest.raises(mk.UnsafeContentError):
+        mk.read(path)
+    value = mk.read(path, on_unknown="placeholder")
+    model, config = value["model"], value["config"]
+    assert set(model.keys()) == {"weight", "bias"} and "weight" in model and "other" not in model
+    assert torch.equal(model["weight"], torch.arange(3.0)) and dict(model.items())["bias"].shape == (1,)
+    assert config.lr == 0.5 and torch.equal(config.weights["w"], torch.ones(2)) and config["lr"] == 0.5
+    with pytest.raises(AttributeError):
+        config.missing
+    with pytest.raises(AttributeError):
+        config.__deepcopy__  # dunders are never looked up in the file's data
+    state = mk.load_state_dict(path, on_unknown="placeholder")  # found inside the placeholder
+    assert set(state) == {"weight", "bias"} and torch.equal(state["weight"], torch.arange(3.0))

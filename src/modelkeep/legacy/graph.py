@@ -30,7 +30,7 @@ def children(node: Any) -> Iterable[Any]:
         extra = list(vars(node).values()) if hasattr(node, "__dict__") else []
         return [*node.keys(), *node.values(), *extra]
     if isinstance(node, Placeholder):
-        return [*node.args, *node.kwargs.values(), node.state, *node.items, *(v for pair in node.pairs for v in pair)]
+        return [*node.args, *node.kwargs.values(), node.state, *node.appended, *(v for pair in node.pairs for v in pair)]
     if isinstance(node, tensors.TensorRef):
         return list((node.attributes or {}).values())
     if isinstance(node, tensors.DeferredTensor):

@@ -320,7 +320,7 @@ class Policy:
 
     def extend(self, obj: Any, items: list, pos: int) -> None:
         if isinstance(obj, Placeholder):
-            obj.items.extend(items)
+            obj.appended.extend(items)
         elif self.registered_kind(obj) == "deque":
             obj.extend(items)
         else:

@@ -19,7 +19,8 @@ KIND_OBJECT = "object"  # what calling or instantiating that name would have pro
 class Placeholder:
     """What the file asked for, never built: ``module``/``name`` of the global, the byte
     ``position`` of its reference, the ``args`` of the call, the ``state`` given to BUILD and any
-    ``items``/``pairs`` appended or set on it."""
+    items ``appended`` or ``pairs`` set on it. It reads like what it held (``[]``, ``keys()``,
+    ``items()``, ``in``, attributes of its state), and no method of the named class ever runs."""
 
     __slots__ = (
         "module",
@@ -29,7 +30,7 @@ class Placeholder:
         "args",
         "kwargs",
         "state",
-        "items",
+        "appended",
         "pairs",
         "trusted",
         "script",
@@ -54,7 +55,7 @@ class Placeholder:
         self.args = args
         self.kwargs = kwargs or {}
         self.state: Any = None
-        self.items: list[Any] = []
+        self.appended: list[Any] = []
         self.pairs: list[tuple[Any, Any]] = []
         self.trusted = trusted
         self.script = script
@@ -74,6 +75,38 @@ class Placeholder:
                     merged.update(part)
             return merged
         return state if isinstance(state, dict) else {}
+
+    # -- the contents the file gave it, as a mapping: inert data, no method of the class runs ----
+    def contents(self) -> dict[Any, Any]:
+        """What the object held: the pairs set on it (a dict subclass), else its attributes."""
+        return dict(self.pairs) if self.pairs else self.attributes
+
+    def __getitem__(self, key: Any) -> Any:
+        return self.contents()[key]
+
+    def __contains__(self, key: Any) -> bool:
+        return key in self.contents()
+
+    def keys(self) -> Any:
+        return self.contents().keys()
+
+    def items(self) -> Any:
+        return self.contents().items()
+
+    def values(self) -> Any:
+        return self.contents().values()
+
+    def get(self, key: Any, default: Any = None) -> Any:
+        return self.contents().get(key, default)
+
+    def __getattr__(self, name: str) -> Any:
+        """An attribute the file gave the object (``ckpt.args.lr`` style); never a dunder."""
+        if name.startswith("__"):
+            raise AttributeError(name)
+        attributes = Placeholder.attributes.fget(self)  # type: ignore[attr-defined]
+        if name in attributes:
+            return attributes[name]
+        raise AttributeError(f"{name!r}: the file gave this {self.qualname} placeholder no such attribute")
 
     def __repr__(self) -> str:
         what = "object" if self.kind == KIND_OBJECT else "reference"

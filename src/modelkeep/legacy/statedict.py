@@ -49,6 +49,8 @@ def find(contents: Contents) -> tuple[dict[str, Any], str | None]:
     found = _state_of(top, declared)
     if found is not None:
         return found, None
+    if isinstance(top, Placeholder) and not _is_module_record(top):
+        top = top.contents()  # look inside what the untrusted object held
     if isinstance(top, Mapping):
         for key in STATE_DICT_KEYS:
             if key in top:
@@ -57,6 +59,8 @@ def find(contents: Contents) -> tuple[dict[str, Any], str | None]:
                     return found, key
         for key in STATE_DICT_KEYS:
             inner = top.get(key)
+            if isinstance(inner, Placeholder) and not _is_module_record(inner):
+                inner = inner.contents()
             if isinstance(inner, Mapping):
                 for sub in STATE_DICT_KEYS:
                     if sub in inner:
@@ -80,6 +84,8 @@ def _describe(value: Any) -> str:
 
 
 def _state_of(value: Any, declared: dict[str, tuple[list[str], list[str]]]) -> dict[str, Any] | None:
+    if isinstance(value, Placeholder) and not _is_module_record(value):
+        value = value.contents()  # an untrusted dict subclass or object kept in rescue mode
     flat = _flat(value)
     if flat is not None:
         return flat
