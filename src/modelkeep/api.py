@@ -151,7 +151,7 @@ def load_state_dict(
     """
     read_options = options.read_options(trust, on_unknown)
     source = reading.open_source(path, read_options, storage_options=storage_options)
-    digests = source.digests() if verify and hasattr(source, "digests") else {}
+    digests = source.digests() if verify else {}
     if not digests:
         return source.tensors(device)
     tensors = source.tensors("cpu")  # checked where they were read, then moved

@@ -391,7 +391,7 @@ def load_into(
             pairs.append((entry, tensor))  # the engine writes bytes only, never autograd history
     with torch.no_grad():
         report.bytes_read = source.read_into(pairs, threads=threads)  # local files: io.tensors.read_into
-    digests = source.digests() if verify and hasattr(source, "digests") else {}
+    digests = source.digests() if verify else {}
     if digests:
         report.verified = ranges.check_filled(pairs, digests, path, threads=threads)
     if eval_mode:

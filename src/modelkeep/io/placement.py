@@ -30,7 +30,7 @@ torch.save sources) moves them with :func:`move`: one behaviour for all.
 from __future__ import annotations
 
 import collections
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -65,6 +65,11 @@ def _available(location: str) -> bool:
     if device.type == "mps":
         return torch.backends.mps.is_available()
     return device.type in ("cpu", "meta")
+
+
+def _saved_or_cpu(location: str) -> str:
+    """Where ``map_location=None`` puts a storage: its saved device, the CPU when it is absent."""
+    return location if _available(location) else "cpu"
 
 
 def _to(storage: torch.UntypedStorage, location: str, *, wait: bool = True) -> torch.UntypedStorage:
@@ -112,7 +117,7 @@ def restore(
             something that is not a storage.
     """
     if map_location is None:
-        return _to(storage, location if _available(location) else "cpu", wait=wait)
+        return _to(storage, _saved_or_cpu(location), wait=wait)
     if isinstance(map_location, dict):
         target = map_location.get(location, location)
         return _to(storage, str(target), wait=wait)
@@ -120,7 +125,7 @@ def restore(
         return _to(storage, str(map_location), wait=wait)
     result = map_location(storage, location)
     if result is None:
-        return _to(storage, location if _available(location) else "cpu")
+        return _to(storage, _saved_or_cpu(location), wait=wait)
     if isinstance(result, torch.storage.TypedStorage):
         result = result.untyped()
     if not isinstance(result, torch.UntypedStorage):
@@ -137,19 +142,28 @@ def restore(
     return result
 
 
-def move(value: Any, map_location: MapLocation, location: Callable[[torch.Tensor], str] | None = None) -> Any:
+def _stays_on_cpu(map_location: MapLocation) -> bool:
+    """Whether ``map_location`` leaves tensors read on the CPU where they are."""
+    if map_location is None:
+        return True
+    if isinstance(map_location, (str, torch.device)):
+        return torch.device(map_location).type == "cpu"
+    return False
+
+
+def move(value: Any, map_location: MapLocation) -> Any:
     """Every tensor in ``value`` (dicts, lists, tuples, modules' tensors stay where they are)
     moved under ``map_location``, each storage once, so that sharing is kept.
 
     Args:
-        value: what a reader returned: tensors in nested dicts, lists and tuples.
-        map_location: any form torch.load takes; None keeps CPU tensors where they are.
-        location: the saved location of a tensor's storage (default: its current device).
+        value: what a reader returned: tensors, read on the CPU, in nested dicts, lists and tuples.
+        map_location: any form torch.load takes; None and the CPU keep the tensors where they are
+            (nothing is walked: the readers' common case costs nothing).
 
     Returns:
         The value with its tensors moved (containers rebuilt; ``value`` itself when nothing moved).
     """
-    if map_location is None:
+    if _stays_on_cpu(map_location):
         return value
     moved: dict[int, torch.UntypedStorage] = {}
 
@@ -158,8 +172,7 @@ def move(value: Any, map_location: MapLocation, location: Callable[[torch.Tensor
         key = storage.data_ptr() if storage.device.type != "meta" else id(storage)
         target = moved.get(key)
         if target is None:
-            saved = location(t) if location is not None else str(storage.device)
-            target = moved[key] = restore(storage, saved, map_location, wait=False)
+            target = moved[key] = restore(storage, str(storage.device), map_location, wait=False)
         if target is storage:
             return t
         out = torch.empty((0,), dtype=t.dtype, device=target.device)

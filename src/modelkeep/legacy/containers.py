@@ -15,18 +15,20 @@ names exists and holds exactly the bytes the pickle declares.
 
 from __future__ import annotations
 
+import contextlib
 import io
+import mmap
 import os
 import re
 import sys
 import tarfile
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
 from modelkeep import errors
 from modelkeep.legacy import tensors
-from modelkeep.legacy.policy import StorageProvider
+from modelkeep.legacy.persistent import StorageProvider
 from modelkeep.legacy.limits import Limits
 from modelkeep.legacy.zipfmt import ZipArchive
 
@@ -45,6 +47,21 @@ def is_magic(first: bytes) -> bool:
         body = body[9:]
     binary = b"\x8a\x0a" + MAGIC_NUMBER.to_bytes(10, "little") + b"."
     return body in (binary, f"L{MAGIC_NUMBER}L\n.".encode(), f"I{MAGIC_NUMBER}\n.".encode())
+
+
+@contextlib.contextmanager
+def file_bytes(path: str, data: bytes | None) -> Iterator[Any]:
+    """The whole file as a buffer for the block: ``data`` when the file is in memory, else a
+    read-only mapping of ``path`` (``b""`` for an empty file, which cannot be mapped)."""
+    if data is not None:
+        yield data
+        return
+    with open(path, "rb") as stream:
+        if os.fstat(stream.fileno()).st_size == 0:
+            yield b""
+            return
+        with mmap.mmap(stream.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+            yield mapped
 
 
 def _default_load_endianness() -> str | None:

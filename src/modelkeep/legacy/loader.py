@@ -14,7 +14,6 @@ The stream format's pickles follow one another by design, and are not checked th
 from __future__ import annotations
 
 import dataclasses
-import mmap
 import os
 from typing import Any
 
@@ -22,7 +21,8 @@ from modelkeep import errors
 from modelkeep import sniff as sniffing
 from modelkeep.legacy import containers, graph, tarfmt, tensors, trusted, vm
 from modelkeep.legacy.limits import DEFAULT_LIMITS, Limits
-from modelkeep.legacy.policy import REFS, VALUES, Offence, Policy, Sighting, StorageProvider
+from modelkeep.legacy.persistent import StorageProvider
+from modelkeep.legacy.policy import REFS, VALUES, Offence, Policy, Sighting
 
 TRAILING = "trailing"  # a Sighting's meaning for bytes after a pickle that must fill its member
 
@@ -52,9 +52,10 @@ class _Context:
 
     def __init__(self, path: str, mode: str, trust: trusted.Trust, on_unknown: str, limits: Limits,
                  check_crc: bool, threads: int | None, sightings: list[Sighting] | None = None,
-                 encoding: str = "utf-8", mmap: bool = False, map_location: Any = None) -> None:
+                 encoding: str = "utf-8", mmap: bool = False, map_location: Any = None,
+                 data: bytes | None = None) -> None:
         self.path = path
-        self.data: bytes | None = None  # the whole file when it is read from memory, not from ``path``
+        self.data = data  # the whole file when it is read from memory, not from ``path``
         self.encoding = encoding
         self.mode = mode
         self.trust = trust
@@ -202,8 +203,7 @@ def _read_contents(path: str, mode: str, trust: trusted.Trust | None, on_unknown
                    mmap: bool, container: str | None, map_location: Any = None,
                    data: bytes | None = None) -> Contents:
     ctx = _Context(path, mode, trust or trusted.Trust(), on_unknown, limits, check_crc, threads, sightings,
-                   encoding=encoding, mmap=mmap, map_location=map_location)
-    ctx.data = data
+                   encoding=encoding, mmap=mmap, map_location=map_location, data=data)
     kind = container if container is not None else sniff(path)
     if kind == "zip":
         contents = _read_zip(ctx)
@@ -250,26 +250,18 @@ def _read_zip(ctx: _Context) -> Contents:
 
 
 def _read_pickle_file(ctx: _Context) -> Contents:
-    if ctx.data is not None:  # from memory: the storages are views of the same bytes
-        if not ctx.data:
+    with containers.file_bytes(ctx.path, ctx.data) as data:
+        if not len(data):
             raise errors.FormatError("the file is empty", path=ctx.path, fix="re-download it")
-        value, container, _ = read_stream(ctx, ctx.data, memory=False, item=None, mode=ctx.mode, depth=0,
-                                          in_memory=True)
-        return Contents(ctx.path, value, container, end=ctx.stream_end)
-    with open(ctx.path, "rb") as stream:
-        size = os.fstat(stream.fileno()).st_size
-        if size == 0:
-            raise errors.FormatError("the file is empty", path=ctx.path, fix="re-download it")
-        with mmap.mmap(stream.fileno(), 0, access=mmap.ACCESS_READ) as data:
-            value, container, _ = read_stream(ctx, data, memory=False, item=None, mode=ctx.mode, depth=0)
+        value, container, _ = read_stream(ctx, data, memory=False, item=None, mode=ctx.mode, depth=0)
     return Contents(ctx.path, value, container, end=ctx.stream_end)
 
 
 def read_stream(ctx: _Context, data: Any, *, memory: bool, item: str | None, mode: str,
-                depth: int, in_memory: bool = False) -> tuple[Any, str, Policy]:
+                depth: int) -> tuple[Any, str, Policy]:
     """The stream format (or a plain pickle) in ``data``: value, container kind, last policy.
-    ``memory``: a nested archive (exactly the bytes torch.save wrote); ``in_memory``: a
-    top-level file read from memory (bytes may follow it)."""
+    ``memory``: a nested archive (exactly the bytes torch.save wrote). A file read from memory
+    (``ctx.data``) keeps its storages as views of those bytes too, but bytes may follow it."""
     limits = ctx.limits
     first_end = vm.skip(data, 0, limits=limits)
     if not containers.is_magic(data[:first_end]):  # a plain pickle (pickle.dump of tensors, ...)
@@ -293,7 +285,8 @@ def read_stream(ctx: _Context, data: Any, *, memory: bool, item: str | None, mod
     if main_end - main_start > limits.max_pickle_bytes:
         raise errors.FormatError("the pickle is larger than the limit", path=ctx.path, fix="raise Limits.max_pickle_bytes")
     keys, storage_start = ctx.run(data, main_end, ctx.policy(REFS, None, "storage keys", depth=depth))
-    storages = containers.StreamStorages(ctx.path, data if not memory else bytes(data), memory or in_memory)
+    storages = containers.StreamStorages(ctx.path, data if not memory else bytes(data),
+                                         memory or ctx.data is not None)
     main_item = item or "main pickle"
     policy = ctx.policy(REFS, storages, main_item, depth=depth)
     value, end = ctx.run(data, main_start, policy)

@@ -4,7 +4,8 @@ The policy answers the machine's questions. Allowed globals map to modelkeep's b
 (``allowed.table``); classes in trusted namespaces are rebuilt without running them (``trusted``);
 TorchScript's ``__torch__`` classes become records; everything else is an offence, collected with
 its byte position so one error can list them all, or (``on_unknown="placeholder"``) an inert
-``Placeholder``. Nothing is ever called unless it is a builder.
+``Placeholder``. Nothing is ever called unless it is a builder. Persistent ids (the storages a
+pickle refers to) are answered by ``persistent.PersistentIds``, which the policy extends.
 
 Two modes: ``values`` builds tensors (reading their bytes) and trusted modules; ``refs`` only
 describes tensors (``TensorRef``) and never imports anything, for finding a state dict and
@@ -17,17 +18,15 @@ import argparse
 import collections
 import dataclasses
 import functools
-import re
 import sys
 import types
 from typing import Any, Callable
-
-import torch
 
 from modelkeep import errors
 from modelkeep.legacy import allowed, builders, numpy_data, tensors, trusted
 from modelkeep.legacy.records import KIND_OBJECT, Placeholder, Record
 from modelkeep.legacy.limits import Limits
+from modelkeep.legacy.persistent import PersistentIds, StorageProvider
 
 NAMESPACES: dict[str, type] = {"argparse.Namespace": argparse.Namespace, "types.SimpleNamespace": types.SimpleNamespace}
 
@@ -61,24 +60,7 @@ class Offence:
     item: str | None
 
 
-class StorageProvider:
-    """Where a container's storages are; each container implements ``storage`` (and, for the
-    pre-1.0 tar format, ``tensor``)."""
-
-    def storage(self, kind: tensors.StorageType, key: str, numel: int, view: Any, pos: int) -> tensors.StorageRef:
-        raise ValueError("this pickle may not refer to storages")
-
-    def tensor(self, key: str, pos: int) -> Any:
-        raise ValueError("this pickle may not refer to tensors by key")
-
-
-_PID_MODULE = re.compile(r"\('module', <class '([\w.]+)'>, ")
-_PID_TEXT = re.compile(
-    r"\('storage', <class '([\w.]+)'>, '(\w+)', '([\w:]+)', (\d+)(?:, (None|\('(\w+)', (\d+), (\d+)\)))?\)"
-)
-
-
-class Policy:
+class Policy(PersistentIds):
     """The meaning of one pickle's globals, calls, BUILDs and persistent ids (see module doc)."""
 
     def __init__(
@@ -331,101 +313,3 @@ class Policy:
             obj.pairs.extend(zip(pairs[0::2], pairs[1::2]))
         else:
             raise self.fail(f"cannot set items on a {type(obj).__name__}", pos)
-
-    # ------------------------------------------------------------------------ persistent ids
-
-    def persistent(self, pid: Any, pos: int) -> Any:
-        try:
-            return self._persistent(pid, pos)
-        except (TypeError, ValueError, OverflowError) as e:
-            if isinstance(e, errors.ModelkeepError):
-                raise
-            raise self.fail(f"persistent id: {str(e)[:300]}", pos) from e
-
-    def _persistent(self, pid: Any, pos: int) -> Any:
-        if type(pid) is str:
-            if not pid.isdigit() or len(pid) > 40:
-                raise ValueError("a text persistent id must be a storage key")
-            return self.storages.tensor(pid, pos)
-        if type(pid) is not tuple or not pid:
-            raise ValueError(f"a persistent id must be a tuple, not a {type(pid).__name__}")
-        tag = pid[0].decode("ascii") if isinstance(pid[0], bytes) else pid[0]
-        if tag == "module" and len(pid) == 4:
-            return pid[1]
-        if tag != "storage":
-            if isinstance(pid[0], Placeholder) or (len(pid) == 3 and isinstance(pid[0], type)):
-                return pid[0]  # pre-1.0 module references: (class, source file, source)
-            raise ValueError(f"unknown persistent id kind {str(tag)[:40]!r}")
-        if len(pid) == 5:
-            kind, key, location, numel = pid[1:]
-            view = None
-        elif len(pid) == 6:
-            kind, key, location, numel, view = pid[1:]
-        else:
-            raise ValueError("a storage persistent id has 5 or 6 parts")
-        if isinstance(kind, Placeholder):
-            return kind  # already an offence
-        if not isinstance(kind, tensors.StorageType):
-            raise ValueError("a storage persistent id must name a storage type")
-        if isinstance(key, bytes):
-            key = key.decode("ascii")
-        if isinstance(location, bytes):
-            location = location.decode("ascii")
-        if type(key) is not str or not re.fullmatch(r"\w{1,64}", key):
-            raise ValueError("storage keys are short names")
-        if type(location) is not str or len(location) > 64:
-            raise ValueError("storage location must be a short device name")
-        if type(numel) is not int or not 0 <= numel < tensors.MAX_ELEMENTS:
-            raise ValueError("storage size must be a non-negative integer")
-        ref = self.storages.storage(kind, key, numel, view, pos)
-        ref.location = location  # where torch.load would restore it (see ``io.placement``)
-        return self._storage_value(ref, kind)
-
-    def persistent_text(self, text: str, pos: int) -> Any:
-        """Protocol 0 writes a persistent id as its repr; only storage ids are understood."""
-        if text.isdigit():
-            return self.persistent(text, pos)
-        module_match = _PID_MODULE.match(text)
-        if module_match is not None:  # ('module', <class '...'>, source file, source): the class
-            module, _, name = module_match.group(1).rpartition(".")
-            return self.find_global(module, name, pos)
-        match = _PID_TEXT.fullmatch(text)
-        if match is None:
-            raise self.fail("unrecognised text persistent id", pos)
-        cls, key, location, numel, view_text, view_key, view_offset, view_size = match.groups()
-        module, _, name = cls.rpartition(".")
-        kind = self.find_global(module, name, pos)
-        view = None if view_text in (None, "None") else (view_key, int(view_offset), int(view_size))
-        pid: tuple = ("storage", kind, key, location, int(numel))
-        if view_text is not None:
-            pid += (view,)
-        return self.persistent(pid, pos)
-
-    def _storage_value(self, ref: tensors.StorageRef, kind: tensors.StorageType) -> Any:
-        if self.refs:
-            return ref
-        key = (id(ref.blob), ref.start, ref.nbytes, ref.dtype, kind.untyped)
-        known = self._storage_values.get(key)
-        if known is not None:  # one storage object per storage, as torch.load gives
-            return known
-        untyped = self.loader.storage(ref)
-        value: Any = untyped if kind.untyped else torch.storage.TypedStorage(
-            wrap_storage=untyped, dtype=ref.dtype, _internal=True
-        )
-        self._storage_refs[id(value)] = (value, ref)
-        self._storage_values[key] = value
-        return value
-
-    def storage_ref(self, value: Any) -> tensors.StorageRef:
-        if isinstance(value, tensors.StorageRef):
-            return value
-        entry = self._storage_refs.get(id(value))
-        if entry is None or entry[0] is not value:
-            raise ValueError("a tensor must be built on a storage read from the file")
-        return entry[1]
-
-    def nested_storage(self, data: bytes, pos: int) -> Any:
-        if self.nested is None or self.depth >= self.limits.max_nested_archives:
-            raise ValueError("torch.save data nested this deep is not read")
-        return self.nested(data, self, pos)
-

@@ -4,9 +4,7 @@ before anything is built. The reading context (``loader._Context``) runs the pic
 
 from __future__ import annotations
 
-import contextlib
-import mmap
-from typing import Any, Iterator
+from typing import Any
 
 from modelkeep import errors
 from modelkeep.legacy import containers, tensors
@@ -15,21 +13,11 @@ from modelkeep.legacy.policy import REFS, Policy
 Context = Any  # ``loader._Context``: path, data, limits, mode, run(), whole(), policy() (no import: no cycle)
 
 
-@contextlib.contextmanager
-def _file_bytes(ctx: Context) -> Iterator[Any]:
-    """The whole file as a buffer: the bytes in memory, or a read-only mapping of ``ctx.path``."""
-    if ctx.data is not None:
-        yield ctx.data
-        return
-    with open(ctx.path, "rb") as stream, mmap.mmap(stream.fileno(), 0, access=mmap.ACCESS_READ) as data:
-        yield data
-
-
 def read_value(ctx: Context) -> Any:
     """The value of a pre-1.0 tar file (members ``sys_info``, ``storages``, ``tensors``, ``pickle``)."""
     layout = containers.TarLayout(ctx.path, ctx.limits, data=ctx.data)
     storages = containers.TarStorages()
-    with _file_bytes(ctx) as data:
+    with containers.file_bytes(ctx.path, ctx.data) as data:
         if "sys_info" in layout.members:
             begin, size = layout.members["sys_info"]
             if size > containers.MAX_RECORD:

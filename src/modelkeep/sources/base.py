@@ -64,3 +64,8 @@ class TensorSource(Protocol):
     def metadata(self) -> Any:
         """The validated ``format.Header`` of a safetensors/modelkeep file; None for other kinds."""
         ...
+
+    def digests(self) -> dict[str, str]:
+        """``{entry name: digest}`` recorded when the file was written (empty when none: a
+        torch.save zip archive's CRC-32s are checked as its storages are read instead)."""
+        ...

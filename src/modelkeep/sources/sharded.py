@@ -142,7 +142,7 @@ class ShardedSource:
         """Every shard's recorded digests (names are unique across shards)."""
         out: dict[str, str] = {}
         for shard in self.shards.values():
-            out.update(getattr(shard, "digests", dict)())
+            out.update(shard.digests())
         return out
 
     def metadata(self) -> None:
